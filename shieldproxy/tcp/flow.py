@@ -1,0 +1,520 @@
+"""The per-flow shield: answer a peer in the container's name while it is frozen.
+
+A :class:`ShieldFlow` starts from a :class:`FlowSnapshot` of the container's
+socket. It is fed the peer's segments together with the current time and returns
+actions: segments to transmit to the peer and events to report. It never reads a
+clock, touches a socket or logs.
+
+States::
+
+    SHIELDING --handover()--> HANDED_OVER
+        |
+        +--RST at exactly rcv_nxt--> RESET
+
+While SHIELDING it behaves as the container's receive side would (RFC 9293
+section 3.10.7.4, in that order): PAWS check, sequence acceptability, RST, SYN,
+ACK field, data, FIN. "The container has been restored" arrives as the call to
+:meth:`ShieldFlow.handover`; the flow never infers it.
+
+Window rule: the right edge a peer sees, ``ack + (window << rcv_wscale)``, never
+moves left (RFC 9293 section 3.8.6 forbids shrinking a window already offered).
+With a window scale the advertised window is a multiple of ``1 << rcv_wscale``,
+so after an ACK that does not land on that grid the flow either moves the edge
+right to the next multiple ("creep", up to ``FlowLimits.max_buffer_bytes``) or
+acknowledges a little less than it holds so that the edge stays on the grid.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .reassembly import Reassembler
+from .segment import ACK, FIN, RST, SYN, Segment, TcpOptions
+from .seq import seq_add, seq_diff, seq_gt, seq_le, seq_lt
+from .snapshot import FlowKey, FlowSnapshot
+
+MAX_WINDOW_FIELD = 0xFFFF
+
+
+class FlowState(enum.Enum):
+    SHIELDING = "shielding"
+    HANDED_OVER = "handed-over"
+    RESET = "reset"
+
+
+@dataclass(frozen=True)
+class FlowLimits:
+    """Bounds on one flow's memory and on the answers it sends."""
+
+    max_buffer_bytes: int | None = None
+    """Most bytes past the snapshot's rcv_nxt the flow may ever accept. None means
+    the container's own window plus ``creep_allowance_bytes``. The container's
+    window is always honoured, even above this limit, because retracting it is
+    forbidden."""
+    creep_allowance_bytes: int = 64 * 1024
+    """Room for window-scale rounding when ``max_buffer_bytes`` is None."""
+    challenge_acks_per_s: int = 10
+    """Challenge ACKs (RFC 5961 section 7) sent per flow per second at most."""
+    invalid_ack_interval_s: float = 0.5
+    """Minimum gap between ACKs sent for zero-length out-of-window segments,
+    like Linux's net.ipv4.tcp_invalid_ratelimit, so two middleboxes can't loop."""
+
+
+@dataclass(frozen=True)
+class TricklePolicy:
+    """Open the window by a few bytes at a fixed interval once the peer filled it.
+
+    Peers with TCP_USER_TIMEOUT abort a connection whose zero window lasts longer
+    than the timeout (Linux 5.11 and later), so a shield for them must keep
+    accepting some data.
+    """
+
+    step_bytes: int
+    interval_s: float
+
+
+@dataclass(frozen=True)
+class Transmit:
+    """A segment to send to the peer in the container's name."""
+
+    segment: Segment
+    reason: str
+    """Why it is sent: data, duplicate, out-of-window, paws, challenge, bad-ack,
+    fin or window-update."""
+
+
+@dataclass(frozen=True)
+class ResetReceived:
+    """The peer reset the connection with an RST at exactly rcv_nxt."""
+
+
+@dataclass(frozen=True)
+class FinReceived:
+    """The peer's FIN is in order: all its data up to ``seq`` has arrived."""
+
+    seq: int
+
+
+Action = Transmit | ResetReceived | FinReceived
+
+
+@dataclass
+class FlowStats:
+    """Counters of one flow, all since the flow was created."""
+
+    segments: int = 0
+    bytes_absorbed: int = 0
+    """New payload bytes accepted, in order or not."""
+    bytes_duplicate: int = 0
+    bytes_beyond_edge: int = 0
+    """Payload bytes dropped because they were past the right edge."""
+    acks_sent: int = 0
+    challenge_acks: int = 0
+    challenge_acks_suppressed: int = 0
+    invalid_acks_suppressed: int = 0
+    paws_rejected: int = 0
+    rst_accepted: int = 0
+    rst_ignored: int = 0
+    syn_received: int = 0
+    no_ack_flag: int = 0
+    bad_ack_field: int = 0
+    after_handover: int = 0
+    max_right_edge_retraction: int = 0
+    """Largest leftward move of the advertised right edge; nonzero is a bug."""
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class FlowHandover:
+    """What the restored socket needs so it continues where the shield stopped."""
+
+    key: FlowKey
+    start_seq: int
+    """Snapshot rcv_nxt: the sequence number of ``data[0]``."""
+    data: bytes
+    """Bytes the shield acknowledged, to append to the restored receive queue."""
+    rcv_nxt: int
+    """start_seq + len(data), not counting a FIN."""
+    fin: bool
+    """The peer's FIN came after ``data`` and was acknowledged."""
+    reset: bool
+    right_edge: int
+    """Largest ack + scaled window the peer was shown."""
+    tsval: int
+    """Shield's timestamp clock at hand-over, at or above every TSval it sent."""
+    ts_recent: int | None
+    discarded_bytes: int
+    """Bytes held but never acknowledged; the peer still has them to resend."""
+
+
+@dataclass
+class _RateLimit:
+    per_second: int
+    window_start: float = float("-inf")
+    used: int = 0
+
+    def allow(self, now: float) -> bool:
+        if now - self.window_start >= 1.0:
+            self.window_start = now
+            self.used = 0
+        if self.used >= self.per_second:
+            return False
+        self.used += 1
+        return True
+
+
+@dataclass
+class _Options:
+    mss: int
+    sack: bool
+    timestamps: bool
+    rcv_wscale: int
+
+
+class ShieldFlow:
+    """Sans-IO receive side of one TCP connection, speaking for the container."""
+
+    def __init__(
+        self,
+        snapshot: FlowSnapshot,
+        *,
+        limits: FlowLimits = FlowLimits(),
+        trickle: TricklePolicy | None = None,
+    ) -> None:
+        self.snapshot = snapshot
+        self.key = snapshot.key
+        self.state = FlowState.SHIELDING
+        self.stats = FlowStats()
+        self._limits = limits
+        self._trickle = trickle
+        self._opts = _Options(
+            snapshot.mss,
+            snapshot.sack_ok,
+            snapshot.timestamps_ok,
+            snapshot.rcv_wscale if 0 <= snapshot.rcv_wscale <= 14 else 0,
+        )
+        self._base = snapshot.rcv_nxt
+        self._buffer = Reassembler()
+
+        # Offsets below are relative to self._base. The container's last ACK
+        # carried rcv_wup, which may be behind rcv_nxt (delayed ACK).
+        self._last_ack = seq_diff(snapshot.rcv_wup, self._base)
+        if self._last_ack > 0:
+            self._last_ack = 0
+        self._edge = max(seq_diff(snapshot.right_edge, self._base), 0)
+        self._max_edge_shown = self._edge
+        if limits.max_buffer_bytes is not None:
+            self._limit = max(limits.max_buffer_bytes, self._edge)
+        else:
+            self._limit = self._edge + limits.creep_allowance_bytes
+
+        self._snd_una = snapshot.snd_una
+        self._snd_nxt = snapshot.snd_nxt
+        self._ts_recent = snapshot.ts_recent
+        self._last_tsval = snapshot.tsval
+        self._fin_offset: int | None = None
+        self._fin_delivered = False
+        self._challenges = _RateLimit(limits.challenge_acks_per_s)
+        self._last_invalid_ack = float("-inf")
+        self._next_trickle: float | None = None
+
+    # properties
+
+    @property
+    def rcv_nxt(self) -> int:
+        """Sequence number one past the contiguous bytes held."""
+        return seq_add(self._base, self._buffer.contiguous_end)
+
+    @property
+    def ack_sent(self) -> int:
+        """Acknowledgement number of the last ACK shown to the peer."""
+        return seq_add(self._base, self._last_ack)
+
+    @property
+    def right_edge(self) -> int:
+        """Largest ack + scaled window the peer has been shown."""
+        return seq_add(self._base, self._max_edge_shown)
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffer.buffered_bytes
+
+    @property
+    def fin_received(self) -> bool:
+        return self._fin_delivered
+
+    def tsval_at(self, now: float) -> int:
+        """Container's timestamp clock (ms) at ``now``, never below one already sent."""
+        elapsed_ms = max(0, int((now - self.snapshot.taken_at) * 1000))
+        tsval = seq_add(self.snapshot.tsval, elapsed_ms)
+        if seq_lt(tsval, self._last_tsval):
+            tsval = self._last_tsval
+        return tsval
+
+    # inputs
+
+    def receive(self, seg: Segment, now: float) -> list[Action]:
+        """Process one segment from the peer and return what to do about it."""
+        self.stats.segments += 1
+        if self.state is not FlowState.SHIELDING:
+            self.stats.after_handover += 1
+            return []
+
+        # PAWS (RFC 7323 section 5.3): an older TSval than ts_recent is a stale
+        # duplicate, unless it is an RST.
+        timestamp = seg.options.timestamp if self._opts.timestamps else None
+        if (
+            timestamp is not None
+            and self._ts_recent is not None
+            and not seg.has(RST)
+            and seq_lt(timestamp[0], self._ts_recent)
+        ):
+            self.stats.paws_rejected += 1
+            return self._ack_unacceptable(seg, now, "paws")
+
+        # sequence acceptability (RFC 9293 section 3.10.7.4, first check)
+        if not self._acceptable(seg):
+            if seg.has(RST):
+                self.stats.rst_ignored += 1
+                return []
+            return self._ack_unacceptable(seg, now, "out-of-window")
+
+        # RST (RFC 5961 section 3.2): exact match resets, otherwise challenge
+        if seg.has(RST):
+            if seg.seq == self.rcv_nxt:
+                self.stats.rst_accepted += 1
+                self.state = FlowState.RESET
+                return [ResetReceived()]
+            return self._challenge(now)
+
+        # SYN on an established connection (RFC 5961 section 4.2)
+        if seg.has(SYN):
+            self.stats.syn_received += 1
+            return self._challenge(now)
+
+        if not seg.has(ACK):
+            self.stats.no_ack_flag += 1
+            return []
+
+        # ACK field (RFC 5961 section 5.2): acking unsent data gets an ACK back
+        if seq_gt(seg.ack, self._snd_nxt):
+            self.stats.bad_ack_field += 1
+            return self._ack_unacceptable(seg, now, "bad-ack")
+        if seq_gt(seg.ack, self._snd_una):
+            self._snd_una = seg.ack
+
+        # RFC 7323 section 4.3: remember the TSval of a segment that covers the
+        # left edge of the window, which the next TSecr echoes.
+        if timestamp is not None and (
+            self._ts_recent is None
+            or seq_le(seg.seq, seq_add(self._base, self._last_ack))
+        ):
+            self._ts_recent = timestamp[0]
+
+        actions: list[Action] = []
+        if seg.payload or seg.has(FIN):
+            self._absorb(seg, actions)
+            actions.append(self._ack(now, "fin" if self._fin_delivered else "data"))
+        return actions
+
+    def next_deadline(self) -> float | None:
+        """Monotonic time at which :meth:`on_deadline` wants to run, if any."""
+        if self._trickle is None or self.state is not FlowState.SHIELDING:
+            return None
+        return self._next_trickle
+
+    def on_deadline(self, now: float) -> list[Action]:
+        """Run the trickle policy: widen a window the peer has filled."""
+        if self._trickle is None or self.state is not FlowState.SHIELDING:
+            return []
+        if self._next_trickle is None:
+            self._next_trickle = now + self._trickle.interval_s
+            return []
+        if now < self._next_trickle:
+            return []
+        self._next_trickle = now + self._trickle.interval_s
+        unit = 1 << self._opts.rcv_wscale
+        if self._edge - self._last_ack >= self._trickle.step_bytes:
+            return []
+        step = -(-self._trickle.step_bytes // unit) * unit
+        ceiling = min(self._limit, self._last_ack + MAX_WINDOW_FIELD * unit)
+        if self._edge + step > ceiling:
+            return []
+        self._edge += step
+        return [self._ack(now, "window-update")]
+
+    def handover(self, now: float) -> FlowHandover:
+        """Stop answering and return what the restored socket must be given."""
+        state = self.state
+        if state is FlowState.SHIELDING:
+            self.state = FlowState.HANDED_OVER
+        data_end = max(0, min(self._last_ack, self._buffer.contiguous_end))
+        data = self._buffer.prefix(data_end)
+        fin_acked = (
+            self._fin_offset is not None
+            and self._fin_delivered
+            and self._last_ack > self._fin_offset
+        )
+        return FlowHandover(
+            key=self.key,
+            start_seq=self._base,
+            data=data,
+            rcv_nxt=seq_add(self._base, len(data)),
+            fin=fin_acked,
+            reset=state is FlowState.RESET,
+            right_edge=self.right_edge,
+            tsval=self.tsval_at(now),
+            ts_recent=self._ts_recent,
+            discarded_bytes=self._buffer.buffered_bytes - len(data),
+        )
+
+    # helpers
+
+    def _acceptable(self, seg: Segment) -> bool:
+        rcv_nxt = self.rcv_nxt
+        window = self._edge - self._buffer.contiguous_end
+        length = seg.seg_len
+        start = seq_diff(seg.seq, rcv_nxt)
+        if length == 0:
+            return 0 <= start < window if window > 0 else start == 0
+        # a bare FIN at rcv_nxt is accepted even into a zero window, as Linux does
+        if not seg.payload and seg.has(FIN) and start == 0:
+            return True
+        if window <= 0:
+            return False
+        end = start + length - 1
+        return 0 <= start < window or 0 <= end < window
+
+    def _absorb(self, seg: Segment, actions: list[Action]) -> None:
+        offset = seq_diff(seg.seq, self._base)
+        payload = seg.payload
+        if offset < 0:
+            # before the snapshot: the container already has these bytes
+            cut = min(-offset, len(payload))
+            self.stats.bytes_duplicate += cut
+            payload = payload[cut:]
+            offset += cut
+        limit = self._edge
+        if self._fin_offset is not None:
+            limit = min(limit, self._fin_offset)
+        fits = True
+        if offset + len(payload) > limit:
+            keep = max(0, limit - offset)
+            self.stats.bytes_beyond_edge += len(payload) - keep
+            payload = payload[:keep]
+            fits = False
+        if payload:
+            result = self._buffer.insert(offset, payload)
+            self.stats.bytes_absorbed += result.new
+            self.stats.bytes_duplicate += result.duplicate
+
+        if seg.has(FIN) and fits and self._fin_offset is None:
+            self._fin_offset = offset + len(payload)
+        if (
+            self._fin_offset is not None
+            and not self._fin_delivered
+            and self._buffer.contiguous_end == self._fin_offset
+        ):
+            self._fin_delivered = True
+            actions.append(FinReceived(seq_add(self._base, self._fin_offset)))
+
+    def _ack_unacceptable(self, seg: Segment, now: float, reason: str) -> list[Action]:
+        # Linux answers out-of-window segments carrying data every time, but
+        # rate-limits answers to zero-length ones (net.ipv4.tcp_invalid_ratelimit).
+        if seg.seg_len == 0:
+            if now - self._last_invalid_ack < self._limits.invalid_ack_interval_s:
+                self.stats.invalid_acks_suppressed += 1
+                return []
+            self._last_invalid_ack = now
+        return [self._ack(now, reason)]
+
+    def _challenge(self, now: float) -> list[Action]:
+        if not self._challenges.allow(now):
+            self.stats.challenge_acks_suppressed += 1
+            return []
+        self.stats.challenge_acks += 1
+        return [self._ack(now, "challenge")]
+
+    def _choose_ack(self) -> tuple[int, int]:
+        """Pick (ack offset, window in bytes) that keeps the right edge in place."""
+        unit = 1 << self._opts.rcv_wscale
+        candidate = self._buffer.contiguous_end
+        if self._fin_delivered and self._fin_offset is not None:
+            candidate = self._fin_offset + 1
+        candidate = max(candidate, self._last_ack)
+        gap = self._edge - candidate
+        if gap < 0:
+            # only the FIN can sit past the edge; widen the edge to cover it
+            self._edge = candidate
+            gap = 0
+        remainder = gap % unit
+        if remainder == 0:
+            return candidate, gap
+        creep = unit - remainder
+        if self._fin_delivered or self._edge + creep <= self._limit:
+            self._edge += creep
+            return candidate, gap + creep
+        aligned = candidate - creep
+        if aligned >= self._last_ack:
+            return aligned, gap + creep
+        # The last ACK itself is off the grid (a snapshot whose rcv_wnd is not a
+        # multiple of the scale): the edge has to move right once.
+        self._edge += creep
+        return candidate, gap + creep
+
+    def _ack(self, now: float, reason: str) -> Transmit:
+        ack_offset, window_bytes = self._choose_ack()
+        window = window_bytes >> self._opts.rcv_wscale
+        if window > MAX_WINDOW_FIELD:
+            window = MAX_WINDOW_FIELD
+        shown_edge = ack_offset + (window << self._opts.rcv_wscale)
+        retraction = self._max_edge_shown - shown_edge
+        if retraction > self.stats.max_right_edge_retraction:
+            self.stats.max_right_edge_retraction = retraction
+        self._max_edge_shown = max(self._max_edge_shown, shown_edge)
+        self._last_ack = ack_offset
+
+        timestamp = None
+        if self._opts.timestamps:
+            tsval = self.tsval_at(now)
+            self._last_tsval = tsval
+            timestamp = (tsval, self._ts_recent or 0)
+        sack_blocks: tuple[tuple[int, int], ...] = ()
+        if self._opts.sack:
+            max_blocks = 3 if timestamp is not None else 4
+            sack_blocks = tuple(
+                (seq_add(self._base, start), seq_add(self._base, end))
+                for start, end in self._buffer.out_of_order_ranges()[:max_blocks]
+            )
+        self.stats.acks_sent += 1
+        key = self.key
+        segment = Segment(
+            version=key.family,
+            src=key.container_addr,
+            dst=key.peer_addr,
+            sport=key.container_port,
+            dport=key.peer_port,
+            seq=self._snd_nxt,
+            ack=seq_add(self._base, ack_offset),
+            flags=ACK,
+            window=window,
+            options=TcpOptions(sack_blocks=sack_blocks, timestamp=timestamp),
+        )
+        return Transmit(segment, reason)
+
+
+__all__ = [
+    "Action",
+    "FinReceived",
+    "FlowHandover",
+    "FlowLimits",
+    "FlowState",
+    "FlowStats",
+    "ResetReceived",
+    "ShieldFlow",
+    "Transmit",
+    "TricklePolicy",
+]
