@@ -19,9 +19,9 @@ ACK field, data, FIN. "The container has been restored" arrives as the call to
 Window rule: the right edge a peer sees, ``ack + (window << rcv_wscale)``, never
 moves left (RFC 9293 section 3.8.6 forbids shrinking a window already offered).
 With a window scale the advertised window is a multiple of ``1 << rcv_wscale``,
-so after an ACK that does not land on that grid the flow either moves the edge
-right to the next multiple ("creep", up to ``FlowLimits.max_buffer_bytes``) or
-acknowledges a little less than it holds so that the edge stays on the grid.
+so after an ACK that does not land on that grid the flow moves the edge right to
+the next multiple or, while more data keeps coming, acknowledges slightly less
+than it holds; :meth:`ShieldFlow._choose_ack` explains the trade.
 """
 
 from __future__ import annotations
@@ -48,12 +48,13 @@ class FlowLimits:
     """Bounds on one flow's memory and on the answers it sends."""
 
     max_buffer_bytes: int | None = None
-    """Most bytes past the snapshot's rcv_nxt the flow may ever accept. None means
-    the container's own window plus ``creep_allowance_bytes``. The container's
-    window is always honoured, even above this limit, because retracting it is
-    forbidden."""
-    creep_allowance_bytes: int = 64 * 1024
-    """Room for window-scale rounding when ``max_buffer_bytes`` is None."""
+    """Most bytes past the snapshot's rcv_nxt the flow may ever accept; bytes
+    past it are dropped and counted even inside the advertised window. None
+    means the container's own window plus a quarter of it (at least 64 KiB) for
+    window-scale rounding. The container's window is always honoured, even
+    above this limit."""
+    tail_ack_delay_s: float = 0.04
+    """How long bytes may stay unacknowledged to keep the edge on the scale grid."""
     challenge_acks_per_s: int = 10
     """Challenge ACKs (RFC 5961 section 7) sent per flow per second at most."""
     invalid_ack_interval_s: float = 0.5
@@ -80,8 +81,8 @@ class Transmit:
 
     segment: Segment
     reason: str
-    """Why it is sent: data, duplicate, out-of-window, paws, challenge, bad-ack,
-    fin or window-update."""
+    """Why it is sent: data, fin, out-of-window, paws, challenge, bad-ack, tail,
+    window-update or handover."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ class FlowHandover:
     """Shield's timestamp clock at hand-over, at or above every TSval it sent."""
     ts_recent: int | None
     discarded_bytes: int
-    """Bytes held but never acknowledged; the peer still has them to resend."""
+    """Out-of-order bytes held past a gap, which cannot be handed over; the peer
+    still has them to resend."""
 
 
 @dataclass
@@ -209,7 +211,7 @@ class ShieldFlow:
         if limits.max_buffer_bytes is not None:
             self._limit = max(limits.max_buffer_bytes, self._edge)
         else:
-            self._limit = self._edge + limits.creep_allowance_bytes
+            self._limit = self._edge + max(64 * 1024, self._edge // 4)
 
         self._snd_una = snapshot.snd_una
         self._snd_nxt = snapshot.snd_nxt
@@ -220,6 +222,7 @@ class ShieldFlow:
         self._challenges = _RateLimit(limits.challenge_acks_per_s)
         self._last_invalid_ack = float("-inf")
         self._next_trickle: float | None = None
+        self._tail_since: float | None = None
 
     # properties
 
@@ -322,34 +325,60 @@ class ShieldFlow:
 
     def next_deadline(self) -> float | None:
         """Monotonic time at which :meth:`on_deadline` wants to run, if any."""
-        if self._trickle is None or self.state is not FlowState.SHIELDING:
+        if self.state is not FlowState.SHIELDING:
             return None
-        return self._next_trickle
+        deadlines = []
+        if self._tail_since is not None:
+            deadlines.append(self._tail_since + self._limits.tail_ack_delay_s)
+        if self._trickle is not None and self._next_trickle is not None:
+            deadlines.append(self._next_trickle)
+        return min(deadlines, default=None)
 
     def on_deadline(self, now: float) -> list[Action]:
-        """Run the trickle policy: widen a window the peer has filled."""
-        if self._trickle is None or self.state is not FlowState.SHIELDING:
+        """Acknowledge a lingering tail, and run the trickle window policy."""
+        if self.state is not FlowState.SHIELDING:
             return []
+        actions: list[Action] = []
+        if (
+            self._tail_since is not None
+            and now >= self._tail_since + self._limits.tail_ack_delay_s
+        ):
+            actions.append(self._ack(now, "tail", ack_all=True))
+        if self._trickle is not None:
+            actions += self._run_trickle(now, self._trickle)
+        return actions
+
+    def _run_trickle(self, now: float, trickle: TricklePolicy) -> list[Action]:
         if self._next_trickle is None:
-            self._next_trickle = now + self._trickle.interval_s
+            self._next_trickle = now + trickle.interval_s
             return []
         if now < self._next_trickle:
             return []
-        self._next_trickle = now + self._trickle.interval_s
+        self._next_trickle = now + trickle.interval_s
         unit = 1 << self._opts.rcv_wscale
-        if self._edge - self._last_ack >= self._trickle.step_bytes:
+        if self._edge - self._last_ack >= trickle.step_bytes:
             return []
-        step = -(-self._trickle.step_bytes // unit) * unit
+        step = -(-trickle.step_bytes // unit) * unit
         ceiling = min(self._limit, self._last_ack + MAX_WINDOW_FIELD * unit)
         if self._edge + step > ceiling:
             return []
         self._edge += step
         return [self._ack(now, "window-update")]
 
-    def handover(self, now: float) -> FlowHandover:
-        """Stop answering and return what the restored socket must be given."""
+    def handover(self, now: float) -> tuple[FlowHandover, Transmit | None]:
+        """Stop answering and return what the restored socket must be given.
+
+        Bytes held in order but not yet acknowledged (the ACK stayed on the
+        window-scale grid) are acknowledged now by the returned final ACK, which
+        may move the right edge by less than one scale unit past the buffer limit.
+        Otherwise the peer could only get them acknowledged by retransmitting them
+        after its retransmission timeout.
+        """
         state = self.state
+        final_ack: Transmit | None = None
         if state is FlowState.SHIELDING:
+            if self._last_ack < self._buffer.contiguous_end:
+                final_ack = self._ack(now, "handover", ack_all=True)
             self.state = FlowState.HANDED_OVER
         data_end = max(0, min(self._last_ack, self._buffer.contiguous_end))
         data = self._buffer.prefix(data_end)
@@ -358,7 +387,7 @@ class ShieldFlow:
             and self._fin_delivered
             and self._last_ack > self._fin_offset
         )
-        return FlowHandover(
+        handover = FlowHandover(
             key=self.key,
             start_seq=self._base,
             data=data,
@@ -370,6 +399,43 @@ class ShieldFlow:
             ts_recent=self._ts_recent,
             discarded_bytes=self._buffer.buffered_bytes - len(data),
         )
+        return handover, final_ack
+
+    def release_update(self, now: float, *, rcv_nxt: int, right_edge: int) -> Transmit:
+        """Build a window update announcing the restored socket's receive window.
+
+        A restored Linux socket announces itself with a window probe whose
+        sequence number is snd_una - 1, which the peer drops as an old segment, so
+        a peer stuck at a zero window would otherwise wait for its next backed-off
+        persist probe. This ACK carries the restored socket's rcv_nxt and right
+        edge, which must be at or past every edge the shield showed.
+        """
+        unit = 1 << self._opts.rcv_wscale
+        edge = right_edge
+        if seq_lt(edge, self.right_edge):
+            edge = self.right_edge
+        window_bytes = max(0, seq_diff(edge, rcv_nxt))
+        window = min(MAX_WINDOW_FIELD, -(-window_bytes // unit))
+        timestamp = None
+        if self._opts.timestamps:
+            tsval = self.tsval_at(now)
+            self._last_tsval = tsval
+            timestamp = (tsval, self._ts_recent or 0)
+        self.stats.acks_sent += 1
+        key = self.key
+        segment = Segment(
+            version=key.family,
+            src=key.container_addr,
+            dst=key.peer_addr,
+            sport=key.container_port,
+            dport=key.peer_port,
+            seq=self._snd_nxt,
+            ack=rcv_nxt,
+            flags=ACK,
+            window=window,
+            options=TcpOptions(timestamp=timestamp),
+        )
+        return Transmit(segment, "window-update")
 
     # helpers
 
@@ -397,7 +463,7 @@ class ShieldFlow:
             self.stats.bytes_duplicate += cut
             payload = payload[cut:]
             offset += cut
-        limit = self._edge
+        limit = min(self._edge, self._limit)
         if self._fin_offset is not None:
             limit = min(limit, self._fin_offset)
         fits = True
@@ -438,12 +504,25 @@ class ShieldFlow:
         self.stats.challenge_acks += 1
         return [self._ack(now, "challenge")]
 
-    def _choose_ack(self) -> tuple[int, int]:
-        """Pick (ack offset, window in bytes) that keeps the right edge in place."""
+    def _choose_ack(self, now: float, *, ack_all: bool) -> tuple[int, int]:
+        """Pick (ack offset, window in bytes) that keeps the right edge in place.
+
+        With a window scale the window is shown in units of ``1 << rcv_wscale``.
+        An ACK for every byte held would usually need a window that is not a
+        whole number of units, so the edge would have to move right ("creep",
+        as Linux's tcp_select_window does) on nearly every ACK, and the buffer
+        would grow without bound. So the ACK normally stops at the last byte
+        that keeps the edge on the unit grid, and the up to ``unit - 1`` bytes
+        after it are acknowledged by a later ACK. If no later data comes within
+        ``FlowLimits.tail_ack_delay_s``, :meth:`on_deadline` acknowledges them
+        with ``ack_all`` and lets the edge creep once, long before the peer's
+        retransmission timeout (200 ms at least on Linux).
+        """
         unit = 1 << self._opts.rcv_wscale
         candidate = self._buffer.contiguous_end
         if self._fin_delivered and self._fin_offset is not None:
             candidate = self._fin_offset + 1
+            ack_all = True
         candidate = max(candidate, self._last_ack)
         gap = self._edge - candidate
         if gap < 0:
@@ -452,21 +531,21 @@ class ShieldFlow:
             gap = 0
         remainder = gap % unit
         if remainder == 0:
+            self._tail_since = None
             return candidate, gap
-        creep = unit - remainder
-        if self._fin_delivered or self._edge + creep <= self._limit:
-            self._edge += creep
-            return candidate, gap + creep
-        aligned = candidate - creep
-        if aligned >= self._last_ack:
-            return aligned, gap + creep
-        # The last ACK itself is off the grid (a snapshot whose rcv_wnd is not a
-        # multiple of the scale): the edge has to move right once.
-        self._edge += creep
-        return candidate, gap + creep
+        short = unit - remainder
+        aligned = candidate - short
+        if not ack_all and aligned >= self._last_ack:
+            if self._tail_since is None:
+                self._tail_since = now
+            return aligned, gap + short
+        # ack everything: the edge moves right by less than one unit
+        self._edge += short
+        self._tail_since = None
+        return candidate, gap + short
 
-    def _ack(self, now: float, reason: str) -> Transmit:
-        ack_offset, window_bytes = self._choose_ack()
+    def _ack(self, now: float, reason: str, *, ack_all: bool = False) -> Transmit:
+        ack_offset, window_bytes = self._choose_ack(now, ack_all=ack_all)
         window = window_bytes >> self._opts.rcv_wscale
         if window > MAX_WINDOW_FIELD:
             window = MAX_WINDOW_FIELD

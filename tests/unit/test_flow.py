@@ -97,7 +97,7 @@ def test_out_of_order_data_reported_with_sack():
     reply = only_transmit(flow.receive(peer(0, b"a" * 2000), now=10.0))
     assert reply.segment.ack == seq_add(RCV_NXT, 2500)
     assert reply.segment.options.sack_blocks == ()
-    handover = flow.handover(now=11.0)
+    handover, _ = flow.handover(now=11.0)
     assert handover.data == b"a" * 2000 + b"c" * 500
 
 
@@ -122,7 +122,7 @@ def test_duplicate_and_overlap_trimmed():
     reply = only_transmit(flow.receive(peer(50, b"a" * 50 + b"b" * 50), now=10.0))
     assert reply.segment.ack == seq_add(RCV_NXT, 150)
     assert flow.stats.bytes_duplicate == 50
-    assert flow.handover(now=10.0).data == b"a" * 100 + b"b" * 50
+    assert flow.handover(now=10.0)[0].data == b"a" * 100 + b"b" * 50
 
 
 def test_keepalive_answered():
@@ -162,7 +162,7 @@ def test_rst_at_exact_sequence_accepted():
     actions = flow.receive(peer(10, flags=RST | ACK), now=10.0)
     assert actions == [ResetReceived()]
     assert flow.state is FlowState.RESET
-    assert flow.handover(now=10.0).reset
+    assert flow.handover(now=10.0)[0].reset
 
 
 def test_rst_in_window_gets_challenge_ack():
@@ -209,7 +209,7 @@ def test_fin_acknowledged_after_data():
     assert FinReceived(seq_add(RCV_NXT, 110)) in actions
     reply = only_transmit(actions)
     assert reply.segment.ack == seq_add(RCV_NXT, 111)
-    handover = flow.handover(now=10.0)
+    handover, _ = flow.handover(now=10.0)
     assert handover.fin
     assert handover.data == b"a" * 100 + b"b" * 10
 
@@ -249,7 +249,7 @@ def test_tsval_follows_container_clock_and_never_goes_back():
     # a clock that steps back must not move TSval back
     second = only_transmit(flow.receive(peer(1, b"b"), now=11.0))
     assert second.segment.options.timestamp[0] == TSVAL + 2000
-    assert flow.handover(now=13.0).tsval == TSVAL + 3000
+    assert flow.handover(now=13.0)[0].tsval == TSVAL + 3000
 
 
 def test_no_timestamp_option_when_not_negotiated():
@@ -261,7 +261,7 @@ def test_no_timestamp_option_when_not_negotiated():
 def test_handover_stops_answering():
     flow = ShieldFlow(snapshot())
     flow.receive(peer(0, b"a" * 10), now=10.0)
-    handover = flow.handover(now=10.0)
+    handover, _ = flow.handover(now=10.0)
     assert handover.rcv_nxt == seq_add(RCV_NXT, 10)
     assert handover.start_seq == RCV_NXT
     assert flow.receive(peer(10, b"b"), now=10.0) == []
@@ -281,32 +281,64 @@ def test_window_scale_rounding_never_retracts_edge():
     assert flow.stats.max_right_edge_retraction == 0
 
 
-def test_edge_creep_bounded_by_buffer_limit():
+def test_buffer_limit_bounds_absorbed_bytes():
     wscale = 7
     flow = ShieldFlow(
         snapshot(window=128 * 10, wscale=wscale),
         limits=FlowLimits(max_buffer_bytes=128 * 11),
     )
-    # one-byte segments: each ACK off the grid would move the edge by 127 bytes
-    for offset in range(500):
-        flow.receive(peer(offset, b"x"), now=10.0)
-    assert seq_diff(flow.right_edge, RCV_NXT) <= 128 * 11
+    # one-byte segments, each followed by a tail ACK that moves the edge right
+    best_edge = seq_add(RCV_NXT, 128 * 10)
+    now = 10.0
+    for offset in range(2000):
+        now += 0.05
+        actions = flow.receive(peer(offset, b"x"), now) + flow.on_deadline(now)
+        for action in actions:
+            assert seq_diff(edge(action.segment, wscale), best_edge) >= 0
+            best_edge = edge(action.segment, wscale)
     assert flow.buffered_bytes <= 128 * 11
+    assert flow.stats.bytes_beyond_edge > 0
     assert flow.stats.max_right_edge_retraction == 0
 
 
-def test_unacked_bytes_are_not_handed_over():
+def test_off_grid_tail_acked_after_delay():
     wscale = 7
-    flow = ShieldFlow(
-        snapshot(window=128 * 10, wscale=wscale),
-        limits=FlowLimits(max_buffer_bytes=128 * 10),
-    )
+    flow = ShieldFlow(snapshot(window=128 * 10, wscale=wscale))
     reply = only_transmit(flow.receive(peer(0, b"x" * 200), now=10.0))
-    # the edge can't move, so the ack stays on the 128-byte grid
+    # 200 is not a multiple of 128: the ack stays on the grid for now
     assert reply.segment.ack == seq_add(RCV_NXT, 128)
-    handover = flow.handover(now=10.0)
-    assert handover.data == b"x" * 128
-    assert handover.discarded_bytes == 72
+    assert reply.segment.window == 9
+    assert flow.next_deadline() == 10.0 + FlowLimits().tail_ack_delay_s
+    assert flow.on_deadline(10.01) == []
+    tail = only_transmit(flow.on_deadline(10.05))
+    assert tail.reason == "tail"
+    assert tail.segment.ack == seq_add(RCV_NXT, 200)
+    # the edge moved right by less than one unit instead of moving left
+    assert edge(tail.segment, wscale) == seq_add(RCV_NXT, 200 + 9 * 128)
+    assert flow.next_deadline() is None
+    handover, final_ack = flow.handover(now=10.1)
+    assert final_ack is None
+    assert handover.data == b"x" * 200
+
+
+def test_handover_acks_tail_at_once():
+    flow = ShieldFlow(snapshot(window=128 * 10, wscale=7))
+    flow.receive(peer(0, b"x" * 200), now=10.0)
+    handover, final_ack = flow.handover(now=10.001)
+    assert final_ack is not None
+    assert final_ack.segment.ack == seq_add(RCV_NXT, 200)
+    assert handover.data == b"x" * 200
+    assert handover.discarded_bytes == 0
+
+
+def test_out_of_order_bytes_not_handed_over():
+    flow = ShieldFlow(snapshot())
+    flow.receive(peer(0, b"a" * 10), now=10.0)
+    flow.receive(peer(20, b"c" * 10), now=10.0)
+    handover, final_ack = flow.handover(now=10.0)
+    assert final_ack is None
+    assert handover.data == b"a" * 10
+    assert handover.discarded_bytes == 10
 
 
 def test_container_delayed_ack_is_caught_up():
@@ -316,7 +348,7 @@ def test_container_delayed_ack_is_caught_up():
     reply = only_transmit(flow.receive(peer(0, b"a"), now=10.0))
     assert reply.segment.ack == seq_add(RCV_NXT, 1)
     assert edge(reply.segment, 0) == seq_add(RCV_NXT, 8192 - 500)
-    assert flow.handover(now=10.0).data == b"a"
+    assert flow.handover(now=10.0)[0].data == b"a"
 
 
 def test_trickle_opens_a_filled_window():
@@ -344,7 +376,9 @@ def peer_segments(draw):
     count = draw(st.integers(min_value=1, max_value=60))
     result = []
     for _ in range(count):
-        kind = draw(st.sampled_from(["data", "data", "data", "ack", "rst", "syn", "fin"]))
+        kind = draw(
+            st.sampled_from(["data", "data", "data", "ack", "rst", "syn", "fin"])
+        )
         offset = draw(st.integers(min_value=-3000, max_value=40_000))
         size = draw(st.integers(min_value=0, max_value=3000))
         tsval = draw(st.integers(min_value=0, max_value=2**32 - 1))
@@ -389,7 +423,11 @@ def test_right_edge_never_retracts(segments, wscale, window_units, timestamps):
             if timestamps:
                 assert seq_diff(sent.options.timestamp[0], last_tsval) >= 0
                 last_tsval = sent.options.timestamp[0]
+    handover, final_ack = flow.handover(now)
+    if final_ack is not None:
+        assert seq_diff(edge(final_ack.segment, wscale), best_edge) >= 0
+        last_ack = final_ack.segment.ack
     assert flow.stats.max_right_edge_retraction == 0
-    handover = flow.handover(now)
     assert seq_diff(handover.right_edge, best_edge) >= 0
+    # every byte handed over was acknowledged, and nothing acknowledged is lost
     assert seq_diff(handover.rcv_nxt, last_ack) <= 0

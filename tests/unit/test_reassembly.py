@@ -15,7 +15,9 @@ def chunked_stream(draw):
     covered = 0
     while covered < length:
         start = draw(st.integers(min_value=max(0, covered - 20), max_value=covered))
-        end = draw(st.integers(min_value=covered + 1, max_value=min(length, covered + 90)))
+        end = draw(
+            st.integers(min_value=covered + 1, max_value=min(length, covered + 90))
+        )
         pieces.append((start, end))
         covered = end
     extra = draw(

@@ -71,9 +71,7 @@ def scapy_options(options):
         mss=values.get("MSS"),
         wscale=values.get("WScale"),
         sack_permitted="SAckOK" in values,
-        sack_blocks=tuple(
-            zip(values["SAck"][0::2], values["SAck"][1::2], strict=True)
-        )
+        sack_blocks=tuple(zip(values["SAck"][0::2], values["SAck"][1::2], strict=True))
         if "SAck" in values
         else out.sack_blocks,
         timestamp=values.get("Timestamp"),
@@ -146,7 +144,9 @@ def test_checksum_detects_corruption():
     segment = Segment(4, "198.18.1.2", "198.18.2.2", 1, 2, 3, 4, ACK, 5, payload=b"x")
     packet = bytearray(build_packet(segment))
     packet[-1] ^= 0x01
-    assert parse_packet_untrusted(bytes(packet), verify_checksum=True).checksum_ok is False
+    assert (
+        parse_packet_untrusted(bytes(packet), verify_checksum=True).checksum_ok is False
+    )
 
 
 def test_internet_checksum_odd_length():

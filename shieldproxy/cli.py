@@ -1,0 +1,122 @@
+"""The ``shieldproxy`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(
+            f"invalid freeze {text!r}: use a number of seconds between 0 and 3600"
+        )
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shieldproxy",
+        description="Keep TCP peers of a checkpointed container answered, then hand "
+        "their bytes to the restored socket.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging threshold (default WARNING)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    lab = sub.add_parser("lab", help="create or remove a network-namespace lab")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    up = lab_sub.add_parser("up", help="create peer, gateway and container namespaces")
+    up.add_argument("--attacker", action="store_true", help="add an attacker namespace")
+    up.add_argument(
+        "--extra-peer-addresses", type=int, default=0, help="more peer addresses"
+    )
+    down = lab_sub.add_parser("down", help="remove a lab, also after a crash of up")
+    target = down.add_mutually_exclusive_group(required=True)
+    target.add_argument("lab_id", nargs="?", help="6-hex lab id printed by 'lab up'")
+    target.add_argument("--all", action="store_true", help="remove every lab")
+
+    demo = sub.add_parser(
+        "demo", help="checkpoint a streaming connection with and without the shield"
+    )
+    demo.add_argument(
+        "--freeze",
+        type=_positive_seconds,
+        default=20.0,
+        help="seconds the connection stays checkpointed (default 20)",
+    )
+    demo.add_argument("--ipv6", action="store_true", help="run the flow over IPv6")
+    demo.add_argument("--json", type=Path, help="also write the results to this file")
+    demo.add_argument(
+        "--keep", type=Path, help="keep dumps, captures and logs in this folder"
+    )
+    demo.add_argument(
+        "--no-baseline", action="store_true", help="skip the run without the shield"
+    )
+    demo.add_argument(
+        "--rate",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="peer send rate in bytes per second (default 4 MiB/s)",
+    )
+
+    check = sub.add_parser(
+        "check-pcap", help="check a capture against the shield's invariants"
+    )
+    check.add_argument("args", nargs=argparse.REMAINDER, help="see check-pcap --help")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "lab":
+        return _lab(args)
+    if args.command == "demo":
+        from .demo import demo_main
+
+        return demo_main(
+            freeze_s=args.freeze,
+            family=6 if args.ipv6 else 4,
+            json_path=args.json,
+            keep_dir=args.keep,
+            baseline=not args.no_baseline,
+            rate_bytes_per_s=args.rate,
+        )
+    if args.command == "check-pcap":
+        from .pcapcheck import main as check_main
+
+        return check_main(args.args)
+    raise AssertionError(args.command)
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from .lab.topology import lab_down, lab_down_all, lab_up
+
+    if args.lab_command == "up":
+        lab = lab_up(
+            attacker=args.attacker, extra_peer_addresses=args.extra_peer_addresses
+        )
+        print(json.dumps(lab.__dict__, indent=2, default=str))
+        print(f"remove it with: shieldproxy lab down {lab.lab_id}", file=sys.stderr)
+        return 0
+    removed = lab_down_all() if args.all else lab_down(args.lab_id)
+    for item in removed:
+        print(f"removed {item}")
+    if not removed:
+        print("nothing to remove")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

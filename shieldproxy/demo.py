@@ -1,0 +1,556 @@
+"""The end-to-end demo: one checkpointed connection, with and without the shield.
+
+In a fresh lab, a peer streams the offset pattern to a receiver in the container
+namespace. The demo engages (NFQUEUE rules in the gateway for the shielded run,
+plain DROP rules like CRIU's network lock for the baseline), pauses the receiver,
+dumps its socket with TCP_REPAIR, kills it, waits out the freeze, restores the
+socket in a new process (with the absorbed bytes in its receive queue when
+shielded), releases, and lets the stream finish. The receiver checks every byte.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .kernel.nfqueue import QueueBinding, QueuedPacket
+from .kernel.rawsock import RawSender
+from .kernel.repair import dump_socket, save_dump, take_socket
+from .kernel.rules import RuleSet, Scope
+from .lab.children import Child
+from .lab.netns import enter_netns, netns_command, run_in_netns
+from .lab.topology import Lab
+from .shield import Shield
+from .tcp.seq import seq_add, seq_lt
+
+log = logging.getLogger(__name__)
+
+PEER_COUNTERS = (
+    "TcpRetransSegs",
+    "TcpExtTCPTimeouts",
+    "TcpExtTCPWinProbe",
+    "TcpExtTCPLossProbes",
+    "TcpExtPAWSEstab",
+    "TcpExtTCPAbortOnTimeout",
+    "TcpExtTCPSpuriousRTOs",
+)
+STREAM_PORT = 5001
+CAPTURE_SNAPLEN = 128
+
+
+@dataclass
+class ScenarioConfig:
+    """One run of the checkpoint scenario."""
+
+    shielded: bool
+    freeze_s: float = 20.0
+    family: int = 4
+    rate_bytes_per_s: int = 4 * 1024 * 1024
+    warmup_s: float = 2.0
+    after_s: float = 3.0
+    receiver_rcvbuf_bytes: int = 8 * 1024 * 1024
+    queue_num: int = 0
+    capture: bool = True
+
+
+@dataclass
+class ScenarioResult:
+    """What one run measured; times in seconds, sizes in bytes."""
+
+    mode: str
+    family: int
+    freeze_s: float
+    integrity_ok: bool = False
+    integrity: str = "not run"
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_absorbed: int = 0
+    bytes_handed_over: int = 0
+    acks_sent: int = 0
+    resume_gap_s: float | None = None
+    peer_counters: dict[str, int] = field(default_factory=dict)
+    max_right_edge_retraction: int | None = None
+    capture_violations: int | None = None
+    shield_counters: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def peer_rto_timeouts(self) -> int:
+        return self.peer_counters.get("TcpExtTCPTimeouts", 0)
+
+    @property
+    def peer_retransmits(self) -> int:
+        return self.peer_counters.get("TcpRetransSegs", 0)
+
+
+ProgressCallback = Callable[[str, float, float, int, int], None]
+"""Called with (mode, elapsed s, freeze s, bytes absorbed, ACKs sent)."""
+
+
+def read_counters(netns: str) -> dict[str, int]:
+    """Absolute TCP counters of a network namespace, from nstat."""
+    result = run_in_netns(netns, ["nstat", "-a", "-z", "-s", "-j"])
+    kernel = json.loads(result.stdout)["kernel"]
+    return {name: int(kernel.get(name, 0)) for name in PEER_COUNTERS}
+
+
+def _python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+async def run_scenario(
+    lab: Lab,
+    config: ScenarioConfig,
+    work_dir: Path,
+    progress: ProgressCallback | None = None,
+) -> ScenarioResult:
+    """Run one checkpoint of a streaming connection and measure what the peer saw."""
+    mode = "shielded" if config.shielded else "baseline"
+    result = ScenarioResult(mode=mode, family=config.family, freeze_s=config.freeze_s)
+    run_dir = work_dir / f"{mode}-ipv{config.family}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctr_addr = lab.ctr_v4 if config.family == 4 else lab.ctr_v6
+    tag = f"{lab.lab_id}{secrets.token_hex(2)}"
+    rules = RuleSet(tag, [Scope(ctr_addr, STREAM_PORT)], config.queue_num,
+                    hook="FORWARD", netns=lab.gw_ns)  # fmt: skip
+    children: list[Child] = []
+    capture: Child | None = None
+    binding: QueueBinding | None = None
+    sender: RawSender | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def start(name: str, ns: str, argv: list[str], **kw: Any) -> Child:
+                child = await Child.start(name, netns_command(ns, argv), run_dir, **kw)
+                children.append(child)
+                nursery.start_soon(child.read_events)
+                return child
+
+            if config.capture:
+                capture = await start(
+                    "tcpdump",
+                    lab.peer_ns,
+                    [
+                        "tcpdump", "-i", lab.peer_if, "-s", str(CAPTURE_SNAPLEN),
+                        "-U", "-n", "-w", str(run_dir / "peer.pcap"),
+                        f"tcp and src host {ctr_addr} and src port {STREAM_PORT}",
+                    ],
+                )  # fmt: skip
+                await _wait_for_capture(capture)
+
+            server = await start(
+                "receiver",
+                lab.ctr_ns,
+                _python_module(
+                    "shieldproxy.lab.stream_server", "listen", "--addr", ctr_addr,
+                    "--port", str(STREAM_PORT),
+                    "--rcvbuf", str(config.receiver_rcvbuf_bytes),
+                ),
+            )  # fmt: skip
+            await server.wait_for("listening", 10)
+            counters_before = read_counters(lab.peer_ns)
+            duration = config.warmup_s + config.freeze_s + config.after_s + 120
+            total = int(config.rate_bytes_per_s * (duration - 120))
+            client = await start(
+                "sender",
+                lab.peer_ns,
+                _python_module(
+                    "shieldproxy.lab.stream_client", "--addr", ctr_addr,
+                    "--port", str(STREAM_PORT),
+                    "--rate", str(config.rate_bytes_per_s), "--total", str(total),
+                    "--duration", str(duration),
+                ),
+            )  # fmt: skip
+            accepted = await server.wait_for("accepted", 10)
+            await trio.sleep(config.warmup_s)
+
+            # engage: divert or drop the peer's packets before the socket stops
+            shield: Shield | None = None
+            if config.shielded:
+                with enter_netns(lab.gw_ns):
+                    sender = RawSender()
+                    shield = Shield(sender)
+                    handler = _handler(shield)
+                    binding = QueueBinding(config.queue_num, handler)
+                nursery.start_soon(binding.serve)
+                nursery.start_soon(shield.run_timers)
+                rules.install("queue")
+            else:
+                rules.install("drop")
+
+            # checkpoint: the receiver reports exactly what it consumed, then the
+            # socket is dumped in repair mode and the process killed
+            server.signal(signal.SIGUSR1)
+            paused = await server.wait_for("paused", 10)
+            sock = take_socket(accepted["pid"], accepted["fd"])
+            try:
+                dump = dump_socket(sock)
+                frozen_at = time.monotonic()
+                save_dump(dump, run_dir / "socket.json")
+                await server.stop()
+            finally:
+                sock.close()  # in repair mode: no FIN, no RST
+            if shield is not None:
+                shield.add_flow(dump.flow_snapshot(), time.monotonic())
+
+            # freeze; the restoring process starts ahead so that the hand-over
+            # does not wait for interpreter start-up
+            restored_server = await start(
+                "restored-receiver",
+                lab.ctr_ns,
+                _python_module("shieldproxy.lab.stream_server", "restore"),
+                stdin=True,
+            )
+            while (elapsed := time.monotonic() - frozen_at) < config.freeze_s:
+                if progress is not None:
+                    totals = shield.totals() if shield else {}
+                    progress(mode, elapsed, config.freeze_s,
+                             totals.get("bytes_absorbed", 0),
+                             totals.get("acks_sent", 0))  # fmt: skip
+                await trio.sleep(min(0.5, config.freeze_s - elapsed))
+            await restored_server.wait_for("ready", 10)
+
+            # hand over and restore in the new process
+            request: dict[str, Any] = {
+                "dump": str(run_dir / "socket.json"),
+                "offset": paused["received"],
+            }
+            if shield is not None:
+                handover_at = time.monotonic()
+                handover = shield.handover(dump.key, handover_at)
+                (run_dir / "absorbed.bin").write_bytes(handover.data)
+                result.bytes_handed_over = len(handover.data)
+                # The restored socket opens a window as large as the container's
+                # at the dump, beyond the bytes handed over, so the peer can send
+                # at once; the edge never falls below what the shield showed.
+                fresh_edge = seq_add(handover.rcv_nxt, dump.rcv_wnd)
+                if seq_lt(fresh_edge, handover.right_edge):
+                    fresh_edge = handover.right_edge
+                request.update(
+                    window_probe=False,
+                    extra=str(run_dir / "absorbed.bin"),
+                    right_edge=fresh_edge,
+                    tsval=handover.tsval,
+                    tsval_at=handover_at,
+                )
+            await restored_server.send_line(json.dumps(request))
+            restored = await restored_server.wait_for("restored", 20)
+
+            # repair off without the kernel's window probe; then the shield
+            # announces the restored window (the probe's sequence number is
+            # snd_una - 1, which a Linux peer drops as old), lets the held
+            # packets through and the rules go away
+            await restored_server.send_line("go")
+            resumed = await restored_server.wait_for("resumed", 10)
+            if shield is not None:
+                flow_stats = shield.flows[dump.key].stats
+                result.bytes_absorbed = flow_stats.bytes_absorbed
+                result.acks_sent = flow_stats.acks_sent
+                shield.release(
+                    dump.key,
+                    time.monotonic(),
+                    restored_rcv_nxt=restored["rcv_nxt"],
+                    restored_right_edge=restored["right_edge"],
+                )
+                result.shield_counters = shield.totals()
+            rules.remove()
+            if binding is not None:
+                binding.close()
+                binding = None
+
+            outcome = await _wait_outcome(restored_server, client, config)
+            first_new = restored_server.last("first-new-byte")
+            if first_new is not None:
+                result.resume_gap_s = first_new["t"] - resumed["t"]
+            result.peer_counters = _diff(read_counters(lab.peer_ns), counters_before)
+            done = client.last("done") or client.last("progress") or {}
+            result.bytes_sent = done.get("sent", 0)
+            result.integrity_ok, result.integrity, result.bytes_received = outcome
+            if result.bytes_received != result.bytes_sent:
+                result.integrity_ok = False
+                result.integrity = (
+                    f"received {result.bytes_received} of {result.bytes_sent} bytes"
+                )
+            nursery.cancel_scope.cancel()
+    except Exception as exc:
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            inner = exc.exceptions[0]
+            if not isinstance(inner, Exception):
+                break
+            exc = inner
+        result.error = f"{type(exc).__name__}: {exc}"
+        result.integrity_ok = False
+        result.integrity = f"run failed: {exc}"
+        log.error("%s run failed", mode, exc_info=exc)
+    finally:
+        with trio.CancelScope(shield=True):
+            if binding is not None:
+                binding.close()
+            rules.remove()
+            if sender is not None:
+                sender.close()
+            for child in children:
+                if child is not capture:
+                    await child.stop()
+            if capture is not None:
+                capture.signal(signal.SIGINT)  # tcpdump flushes its file on SIGINT
+                await capture.stop(timeout=5)
+    if capture is not None and (run_dir / "peer.pcap").exists():
+        _check_capture(result, run_dir / "peer.pcap", (ctr_addr, STREAM_PORT))
+    return result
+
+
+def _check_capture(
+    result: ScenarioResult, path: Path, container: tuple[str, int]
+) -> None:
+    from .pcapcheck import CaptureError, check_capture
+
+    try:
+        report = check_capture(path, only_from=container)
+    except CaptureError as exc:
+        result.error = result.error or f"capture check failed: {exc}"
+        return
+    result.max_right_edge_retraction = max(
+        (d.max_right_edge_retraction for d in report.directions), default=0
+    )
+    result.capture_violations = report.violation_count
+
+
+def _handler(shield: Shield) -> Callable[[QueuedPacket], None]:
+    def handle(packet: QueuedPacket) -> None:
+        shield.handle_packet(packet, time.monotonic())
+
+    return handle
+
+
+async def _wait_for_capture(capture: Child) -> None:
+    # tcpdump prints "listening on IFACE" to stderr once its socket is open
+    for _ in range(100):
+        if "listening on" in capture.stderr_tail(2000):
+            return
+        if capture.process.returncode is not None:
+            break
+        await trio.sleep(0.05)
+    raise RuntimeError(f"tcpdump did not start: {capture.stderr_tail()}")
+
+
+async def _wait_outcome(
+    server: Child, client: Child, config: ScenarioConfig
+) -> tuple[bool, str, int]:
+    """Wait for the stream to end at the receiver; return (ok, verdict, bytes)."""
+    # the sender stops after warmup + freeze + after_s; allow for a baseline
+    # peer whose backed-off retransmission timer fires long after the restore
+    timeout = config.after_s + max(60.0, config.freeze_s * 2.5) + 30
+    with trio.move_on_after(timeout):
+        while True:
+            for name in ("eof", "mismatch", "error"):
+                event = server.last(name)
+                if event is not None:
+                    break
+            else:
+                await trio.sleep(0.1)
+                continue
+            break
+    event = server.last("eof")
+    if event is not None:
+        return True, "ok", int(event["received"])
+    mismatch = server.last("mismatch")
+    progress = server.last("progress") or {}
+    received = int(progress.get("received", 0))
+    if mismatch is not None:
+        return False, f"wrong byte at stream offset {mismatch['offset']}", received
+    error = server.last("error")
+    if error is not None:
+        return False, f"receiver error: {error.get('error')}", received
+    return False, f"stream did not finish within {timeout:.0f} s", received
+
+
+def _diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {name: after[name] - before.get(name, 0) for name in after}
+
+
+# the command
+
+
+@dataclass
+class DemoReport:
+    """Both runs of one demo invocation."""
+
+    freeze_s: float
+    family: int
+    runs: list[ScenarioResult]
+    started: str
+    machine: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for run, raw in zip(self.runs, data["runs"], strict=True):
+            raw["peer_rto_timeouts"] = run.peer_rto_timeouts
+            raw["peer_retransmits"] = run.peer_retransmits
+        return data
+
+
+def machine_facts() -> dict[str, Any]:
+    return {
+        "kernel": os.uname().release,
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
+
+
+def format_table(report: DemoReport) -> str:
+    """Side-by-side table of the runs for the terminal."""
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(label: str, values: list[str]) -> None:
+        rows.append((label, values))
+
+    def gap(run: ScenarioResult) -> str:
+        return "-" if run.resume_gap_s is None else f"{run.resume_gap_s:.3f} s"
+
+    def retraction(run: ScenarioResult) -> str:
+        if run.max_right_edge_retraction is None:
+            return "not captured"
+        return f"{run.max_right_edge_retraction} bytes"
+
+    def shield_only(run: ScenarioResult, value: int) -> str:
+        return f"{value:,}" if run.mode == "shielded" else "-"
+
+    runs = report.runs
+    row("", [run.mode for run in runs])
+    row("freeze", [f"{run.freeze_s:.1f} s" for run in runs])
+    row("resume gap (restore to first new byte)", [gap(run) for run in runs])
+    row("peer RTO timeouts", [str(run.peer_rto_timeouts) for run in runs])
+    row("peer retransmitted segments", [str(run.peer_retransmits) for run in runs])
+    probes = [run.peer_counters.get("TcpExtTCPWinProbe", 0) for run in runs]
+    row("peer zero-window probes", [str(count) for count in probes])
+    absorbed = [shield_only(run, run.bytes_absorbed) for run in runs]
+    row("bytes absorbed by the shield", absorbed)
+    handed_over = [shield_only(run, run.bytes_handed_over) for run in runs]
+    row("bytes handed over", handed_over)
+    row("ACKs sent by the shield", [shield_only(run, run.acks_sent) for run in runs])
+    row("largest right-edge retraction on the wire", [retraction(run) for run in runs])
+    sent = [f"{run.bytes_sent:,} / {run.bytes_received:,}" for run in runs]
+    row("bytes sent / received", sent)
+    row("integrity", [run.integrity for run in runs])
+    width = max(len(label) for label, _ in rows)
+    columns = [max(len(values[i]) for _, values in rows) for i in range(len(runs))]
+    lines = []
+    for label, values in rows:
+        cells = "  ".join(v.ljust(columns[i]) for i, v in enumerate(values))
+        lines.append(f"{label.ljust(width)}  {cells}".rstrip())
+    return "\n".join(lines)
+
+
+def print_progress(stream: Any) -> ProgressCallback:
+    interactive = stream.isatty()
+    last_line = [0.0]
+
+    def report(
+        mode: str, elapsed: float, freeze: float, absorbed: int, acks: int
+    ) -> None:
+        text = (
+            f"[{mode}] frozen {elapsed:5.1f}/{freeze:.0f} s  "
+            f"absorbed {absorbed:>12,} bytes  ACKs sent {acks:>7,}"
+        )
+        if interactive:
+            stream.write("\r" + text)
+            stream.flush()
+        elif elapsed - last_line[0] >= 2.0 or elapsed < 0.5:
+            last_line[0] = elapsed
+            stream.write(text + "\n")
+            stream.flush()
+
+    return report
+
+
+async def run_demo(
+    lab: Lab,
+    *,
+    freeze_s: float,
+    family: int,
+    work_dir: Path,
+    baseline: bool = True,
+    progress: ProgressCallback | None = None,
+    rate_bytes_per_s: int = 4 * 1024 * 1024,
+) -> DemoReport:
+    runs = []
+    modes = [True, False] if baseline else [True]
+    for index, shielded in enumerate(modes):
+        config = ScenarioConfig(
+            shielded=shielded,
+            freeze_s=freeze_s,
+            family=family,
+            queue_num=index,
+            rate_bytes_per_s=rate_bytes_per_s,
+        )
+        runs.append(await run_scenario(lab, config, work_dir, progress))
+        if progress is not None and sys.stderr.isatty():
+            sys.stderr.write("\n")
+    return DemoReport(
+        freeze_s=freeze_s,
+        family=family,
+        runs=runs,
+        started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        machine=machine_facts(),
+    )
+
+
+def demo_main(
+    *,
+    freeze_s: float,
+    family: int,
+    json_path: Path | None,
+    keep_dir: Path | None,
+    baseline: bool,
+    rate_bytes_per_s: int,
+) -> int:
+    """Run the demo in a fresh lab and print the comparison; return exit status."""
+    from .lab.topology import lab as lab_context
+
+    if os.geteuid() != 0:
+        print("shieldproxy demo needs root: it creates network namespaces",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    with tempfile.TemporaryDirectory(prefix="shieldproxy-demo-") as tmp:
+        work_dir = keep_dir if keep_dir is not None else Path(tmp)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        with lab_context() as lab:
+            print(
+                f"lab {lab.lab_id}: peer {lab.peer_v4 if family == 4 else lab.peer_v6}"
+                f" -> gateway -> container "
+                f"{lab.ctr_v4 if family == 4 else lab.ctr_v6}, freeze {freeze_s:g} s",
+                flush=True,
+            )
+            report = trio.run(
+                lambda: run_demo(
+                    lab,
+                    freeze_s=freeze_s,
+                    family=family,
+                    work_dir=work_dir,
+                    baseline=baseline,
+                    progress=print_progress(sys.stderr),
+                    rate_bytes_per_s=rate_bytes_per_s,
+                )
+            )
+    print()
+    print(format_table(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        print(f"\nresults written to {json_path}")
+    shielded = report.runs[0]
+    if shielded.error:
+        print(f"\nshielded run failed: {shielded.error}", file=sys.stderr)
+    return 0 if shielded.integrity_ok else 1
