@@ -461,10 +461,11 @@ def print_progress(stream: Any) -> ProgressCallback:
     def report(
         mode: str, elapsed: float, freeze: float, absorbed: int, acks: int
     ) -> None:
-        text = (
-            f"[{mode}] frozen {elapsed:5.1f}/{freeze:.0f} s  "
-            f"absorbed {absorbed:>12,} bytes  ACKs sent {acks:>7,}"
-        )
+        text = f"[{mode}] frozen {elapsed:5.1f}/{freeze:.0f} s  "
+        if mode == "shielded":
+            text += f"absorbed {absorbed:>12,} bytes  ACKs sent {acks:>7,}"
+        else:
+            text += "peer packets dropped, as CRIU's network lock does"
         if interactive:
             stream.write("\r" + text)
             stream.flush()

@@ -1,0 +1,102 @@
+"""End-to-end checkpoints of a streaming connection, with real Linux TCP peers."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from shieldproxy.demo import ScenarioConfig, run_scenario
+from shieldproxy.kernel.nfqueue import QueueBinding
+from shieldproxy.kernel.rules import save
+from shieldproxy.lab.netns import enter_netns
+from shieldproxy.lab.topology import lab
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+
+FREEZE_S = 5.0
+MIN_ABSORBED_BYTES = 1_000_000
+
+
+def leftovers(lab_id):
+    """Namespaces and root-namespace links of a lab that still exist."""
+    namespaces = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True
+    ).stdout
+    links = subprocess.run(
+        ["ip", "-o", "link", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    return [line for line in namespaces.splitlines() if lab_id in line] + [
+        line for line in links.splitlines() if f"sp{lab_id}" in line
+    ]
+
+
+@pytest.fixture
+def checked_lab():
+    with lab() as created:
+        yield created
+    assert leftovers(created.lab_id) == []
+
+
+def run(created, tmp_path, **config):
+    return trio.run(run_scenario, created, ScenarioConfig(**config), Path(tmp_path))
+
+
+def assert_no_shield_rules(created):
+    for family in (4, 6):
+        assert "SP-" not in save(created.gw_ns, family)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_shielded_freeze_loses_nothing(checked_lab, tmp_path, family):
+    result = run(checked_lab, tmp_path, shielded=True, freeze_s=FREEZE_S, family=family)
+    assert result.error is None
+    assert result.integrity == "ok"
+    assert result.integrity_ok
+    assert result.bytes_received == result.bytes_sent
+    assert result.bytes_absorbed >= MIN_ABSORBED_BYTES
+    assert result.bytes_handed_over == result.bytes_absorbed
+    assert result.peer_rto_timeouts == 0
+    assert result.peer_counters["TcpExtTCPAbortOnTimeout"] == 0
+    assert result.peer_counters["TcpExtPAWSEstab"] == 0
+    assert result.max_right_edge_retraction == 0
+    assert result.capture_violations == 0
+    assert result.resume_gap_s is not None
+    assert_no_shield_rules(checked_lab)
+
+
+def test_unshielded_freeze_shows_retransmissions(checked_lab, tmp_path):
+    result = run(checked_lab, tmp_path, shielded=False, freeze_s=FREEZE_S)
+    assert result.error is None
+    # CRIU-style drop lock: the stream survives, but only after the peer's
+    # retransmission timer backed off
+    assert result.integrity == "ok"
+    assert result.peer_rto_timeouts > 0
+    assert result.peer_retransmits > 0
+    assert result.resume_gap_s is not None
+    assert result.resume_gap_s > 0.2
+    assert_no_shield_rules(checked_lab)
+
+
+def test_failed_engage_leaves_no_rules(checked_lab, tmp_path):
+    # Hold the queue number the scenario wants, so binding it fails mid-run.
+    with enter_netns(checked_lab.gw_ns):
+        blocker = QueueBinding(3, lambda packet: packet.accept())
+    try:
+        result = run(checked_lab, tmp_path, shielded=True, freeze_s=1.0, queue_num=3)
+    finally:
+        blocker.close()
+    assert result.error is not None
+    assert "NFQUEUE 3" in result.error
+    assert not result.integrity_ok
+    assert_no_shield_rules(checked_lab)
+    stray = subprocess.run(
+        ["pgrep", "-f", f"stream_server.*{checked_lab.ctr_v4}"],
+        capture_output=True,
+        text=True,
+    )
+    assert stray.stdout.strip() == ""
