@@ -1,11 +1,12 @@
 """The end-to-end demo: one checkpointed connection, with and without the shield.
 
 In a fresh lab, a peer streams the offset pattern to a receiver in the container
-namespace. The demo engages (NFQUEUE rules in the gateway for the shielded run,
-plain DROP rules like CRIU's network lock for the baseline), pauses the receiver,
-dumps its socket with TCP_REPAIR, kills it, waits out the freeze, restores the
-socket in a new process (with the absorbed bytes in its receive queue when
-shielded), releases, and lets the stream finish. The receiver checks every byte.
+namespace. Then the demo engages: NFQUEUE rules in the gateway for the shielded
+run, or plain DROP rules like CRIU's network lock for the baseline. It pauses the
+receiver, dumps its socket with TCP_REPAIR and kills it. After the freeze it
+restores the socket in a new process, with the absorbed bytes in its receive
+queue when shielded. Then it releases and lets the stream finish, and the
+receiver checks every byte.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class ScenarioConfig:
 
 @dataclass
 class ScenarioResult:
-    """What one run measured; times in seconds, sizes in bytes."""
+    """Measurements of one run; times in seconds, sizes in bytes."""
 
     mode: str
     family: int
@@ -233,8 +234,8 @@ async def run_scenario(
                 (run_dir / "absorbed.bin").write_bytes(handover.data)
                 result.bytes_handed_over = len(handover.data)
                 # The restored socket opens a window as large as the container's
-                # at the dump, beyond the bytes handed over, so the peer can send
-                # at once; the edge never falls below what the shield showed.
+                # was at the dump, past the bytes handed over, so the peer can send
+                # at once. The edge never falls below the one the shield showed.
                 fresh_edge = seq_add(handover.rcv_nxt, dump.rcv_wnd)
                 if seq_lt(fresh_edge, handover.right_edge):
                     fresh_edge = handover.right_edge
@@ -248,10 +249,10 @@ async def run_scenario(
             await restored_server.send_line(json.dumps(request))
             restored = await restored_server.wait_for("restored", 20)
 
-            # repair off without the kernel's window probe; then the shield
-            # announces the restored window (the probe's sequence number is
-            # snd_una - 1, which a Linux peer drops as old), lets the held
-            # packets through and the rules go away
+            # Repair goes off without the kernel's window probe, because a Linux
+            # peer drops that probe as old (its sequence number is snd_una - 1).
+            # The shield announces the restored window instead, then lets the
+            # held packets through, and the rules go away.
             await restored_server.send_line("go")
             resumed = await restored_server.wait_for("resumed", 10)
             if shield is not None:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class Sender(Protocol):
-    """Where the shield's packets go: a raw socket, or a list in tests."""
+    """Destination of the shield's packets: a raw socket, or a list in tests."""
 
     def send(self, packet: bytes, version: int, dst: str) -> bool: ...
 

@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    family = socket.AF_INET6 if ":" in args.addr else socket.AF_INET
     sock = socket.create_connection((args.addr, args.port), timeout=10)
-    del family
     sock.settimeout(None)
     emit("connected", local=list(sock.getsockname()[:2]))
     start = time.monotonic()

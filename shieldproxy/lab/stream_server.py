@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import select
 import signal
@@ -28,6 +27,7 @@ from shieldproxy.kernel.repair import (
     restore_socket,
 )
 from shieldproxy.lab.stream import StreamVerifier
+from shieldproxy.tcp.flow import restore_tsval
 from shieldproxy.tcp.seq import seq_add
 
 PROGRESS_INTERVAL_S = 0.2
@@ -112,10 +112,10 @@ def restore(args: argparse.Namespace) -> int:
     extra = Path(request["extra"]).read_bytes() if request.get("extra") else b""
     tsval = None
     if request.get("tsval") is not None:
-        # Continue the clock the shield answered with, rounded up so the restored
-        # socket never sends a TSval below the shield's last one.
-        elapsed_s = max(0.0, time.monotonic() - float(request["tsval_at"]))
-        tsval = seq_add(int(request["tsval"]), math.ceil(elapsed_s * 1000) + 1)
+        # Continue the clock the shield used, so TSval never goes back.
+        tsval = restore_tsval(
+            int(request["tsval"]), float(request["tsval_at"]), time.monotonic()
+        )
     sock = restore_socket(
         dump,
         extra_receive=extra,

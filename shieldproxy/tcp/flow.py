@@ -27,6 +27,7 @@ than it holds; :meth:`ShieldFlow._choose_ack` explains the trade.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 from .reassembly import Reassembler
@@ -35,6 +36,23 @@ from .seq import seq_add, seq_diff, seq_gt, seq_le, seq_lt
 from .snapshot import FlowKey, FlowSnapshot
 
 MAX_WINDOW_FIELD = 0xFFFF
+
+# The kernel's TCP timestamp clock ticks in whole milliseconds that need not line
+# up with the shield's clock, so a restored clock set to the shield's value can
+# run up to about 2 ms behind it. A peer drops segments whose TSval goes back
+# (PAWS), so the restored clock starts this far ahead.
+RESTORE_TSVAL_MARGIN_MS = 10
+
+
+def restore_tsval(handover_tsval: int, handover_at: float, now: float) -> int:
+    """Return the TCP_TIMESTAMP value for a socket restored at ``now``.
+
+    It is at or above every TSval the shield has sent or will send until the
+    release, as long as the shield's clock and ``now`` are CLOCK_MONOTONIC
+    seconds of the same host.
+    """
+    elapsed_ms = math.ceil(max(0.0, now - handover_at) * 1000)
+    return seq_add(handover_tsval, elapsed_ms + RESTORE_TSVAL_MARGIN_MS)
 
 
 class FlowState(enum.Enum):
@@ -130,7 +148,7 @@ class FlowStats:
 
 @dataclass(frozen=True)
 class FlowHandover:
-    """What the restored socket needs so it continues where the shield stopped."""
+    """State the restored socket needs to continue where the shield stopped."""
 
     key: FlowKey
     start_seq: int

@@ -2,6 +2,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shieldproxy.tcp.flow import (
+    RESTORE_TSVAL_MARGIN_MS,
     FinReceived,
     FlowLimits,
     FlowState,
@@ -9,6 +10,7 @@ from shieldproxy.tcp.flow import (
     ShieldFlow,
     Transmit,
     TricklePolicy,
+    restore_tsval,
 )
 from shieldproxy.tcp.segment import ACK, FIN, PSH, RST, SYN, Segment, TcpOptions
 from shieldproxy.tcp.seq import seq_add, seq_diff
@@ -431,3 +433,12 @@ def test_right_edge_never_retracts(segments, wscale, window_units, timestamps):
     assert seq_diff(handover.right_edge, best_edge) >= 0
     # every byte handed over was acknowledged, and nothing acknowledged is lost
     assert seq_diff(handover.rcv_nxt, last_ack) <= 0
+
+
+def test_restore_tsval_stays_ahead_of_shield():
+    flow = ShieldFlow(snapshot())
+    handover, _ = flow.handover(now=12.0)
+    restored = restore_tsval(handover.tsval, 12.0, 12.0304)
+    # the shield's clock 30.4 ms later, plus the margin for millisecond ticks
+    assert restored == TSVAL + 2000 + 31 + RESTORE_TSVAL_MARGIN_MS
+    assert seq_diff(restored, flow.tsval_at(12.0304)) >= RESTORE_TSVAL_MARGIN_MS
