@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ PEER_COUNTERS = (
     "TcpExtTCPSpuriousRTOs",
 )
 STREAM_PORT = 5001
+LAB_ENV = "SHIELDPROXY_LAB"
 CAPTURE_SNAPLEN = 128
 
 
@@ -134,7 +135,10 @@ async def run_scenario(
         async with trio.open_nursery() as nursery:
 
             async def start(name: str, ns: str, argv: list[str], **kw: Any) -> Child:
-                child = await Child.start(name, netns_command(ns, argv), run_dir, **kw)
+                # the label lets tests find any child left behind by a lab
+                env = {LAB_ENV: lab.lab_id}
+                argv = netns_command(ns, argv)
+                child = await Child.start(name, argv, run_dir, env=env, **kw)
                 children.append(child)
                 nursery.start_soon(child.read_events)
                 return child
@@ -199,12 +203,15 @@ async def run_scenario(
             try:
                 dump = dump_socket(sock)
                 frozen_at = time.monotonic()
+                # The peer's packets wait unanswered in the queue until the flow
+                # is added, so add it before the slow steps: a wait past the
+                # peer's 200 ms minimum RTO would cost a retransmission timeout.
+                if shield is not None:
+                    shield.add_flow(dump.flow_snapshot(), time.monotonic())
                 save_dump(dump, run_dir / "socket.json")
                 await server.stop()
             finally:
                 sock.close()  # in repair mode: no FIN, no RST
-            if shield is not None:
-                shield.add_flow(dump.flow_snapshot(), time.monotonic())
 
             # freeze; the restoring process starts ahead so that the hand-over
             # does not wait for interpreter start-up
@@ -510,6 +517,29 @@ async def run_demo(
     )
 
 
+async def _until_sigterm(
+    main: Callable[[], Awaitable[DemoReport]],
+) -> DemoReport | None:
+    """Run ``main``; on SIGTERM cancel it so every cleanup path runs.
+
+    SIGINT needs no handler: trio raises KeyboardInterrupt, which unwinds
+    through the same cleanup.
+    """
+    result: list[DemoReport] = []
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for _ in signals:
+                    log.warning("SIGTERM received, cleaning up")
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            result.append(await main())
+            nursery.cancel_scope.cancel()
+    return result[0] if result else None
+
+
 def demo_main(
     *,
     freeze_s: float,
@@ -537,6 +567,7 @@ def demo_main(
                 flush=True,
             )
             report = trio.run(
+                _until_sigterm,
                 lambda: run_demo(
                     lab,
                     freeze_s=freeze_s,
@@ -545,8 +576,12 @@ def demo_main(
                     baseline=baseline,
                     progress=print_progress(sys.stderr),
                     rate_bytes_per_s=rate_bytes_per_s,
-                )
+                ),
             )
+    if report is None:
+        print("\ninterrupted by SIGTERM; the lab and its rules were removed",
+              file=sys.stderr)  # fmt: skip
+        return 143
     print()
     print(format_table(report))
     if json_path is not None:

@@ -37,7 +37,13 @@ class Child:
 
     @classmethod
     async def start(
-        cls, name: str, argv: Sequence[str], log_dir: Path, *, stdin: bool = False
+        cls,
+        name: str,
+        argv: Sequence[str],
+        log_dir: Path,
+        *,
+        stdin: bool = False,
+        env: dict[str, str] | None = None,
     ) -> Child:
         stderr_path = log_dir / f"{name}.stderr"
         with stderr_path.open("wb") as stderr:
@@ -47,6 +53,7 @@ class Child:
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 start_new_session=True,
+                env=None if env is None else {**os.environ, **env},
             )
         return cls(name, process, stderr_path)
 

@@ -1,7 +1,10 @@
 """End-to-end checkpoints of a streaming connection, with real Linux TCP peers."""
 
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,17 +25,35 @@ FREEZE_S = 5.0
 MIN_ABSORBED_BYTES = 1_000_000
 
 
+def lab_processes(lab_id):
+    """Pids of processes the demo started for a lab, found by their label."""
+    label = f"SHIELDPROXY_LAB={lab_id}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if label in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
 def leftovers(lab_id):
-    """Namespaces and root-namespace links of a lab that still exist."""
+    """Namespaces, root-namespace links and processes of a lab that still exist."""
     namespaces = subprocess.run(
         ["ip", "netns", "list"], capture_output=True, text=True, check=True
     ).stdout
     links = subprocess.run(
         ["ip", "-o", "link", "show"], capture_output=True, text=True, check=True
     ).stdout
-    return [line for line in namespaces.splitlines() if lab_id in line] + [
-        line for line in links.splitlines() if f"sp{lab_id}" in line
-    ]
+    return (
+        [line for line in namespaces.splitlines() if lab_id in line]
+        + [line for line in links.splitlines() if f"sp{lab_id}" in line]
+        + [f"process {pid}" for pid in lab_processes(lab_id)]
+    )
 
 
 @pytest.fixture
@@ -94,9 +115,30 @@ def test_failed_engage_leaves_no_rules(checked_lab, tmp_path):
     assert "NFQUEUE 3" in result.error
     assert not result.integrity_ok
     assert_no_shield_rules(checked_lab)
-    stray = subprocess.run(
-        ["pgrep", "-f", f"stream_server.*{checked_lab.ctr_v4}"],
-        capture_output=True,
+    assert lab_processes(checked_lab.lab_id) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_demo_interrupted_leaves_nothing(signum):
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "shieldproxy", "demo", "--freeze", "30",
+         "--no-baseline"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-    )
-    assert stray.stdout.strip() == ""
+    )  # fmt: skip
+    try:
+        first_line = demo.stdout.readline()
+        assert first_line.startswith("lab "), first_line
+        lab_id = first_line.split()[1].rstrip(":")
+        # let it reach the freeze, with the shield's rules installed
+        time.sleep(6)
+        assert demo.poll() is None
+        demo.send_signal(signum)
+        demo.wait(timeout=30)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode != 0
+    assert leftovers(lab_id) == []
