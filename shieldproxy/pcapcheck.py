@@ -515,8 +515,15 @@ class _Checker:
             self.check_delivery(direction, number, timestamp, segment)
         if flags & RST or not flags & ACK:
             return
+        # A segment with an older ACK than one already seen arrived out of
+        # order. The peer does not take its window (RFC 9293 SND.WL1/SND.WL2
+        # rule), so it is reported by the ACK check only, not as a retraction.
+        reordered = (
+            direction.max_ack is not None
+            and seq_diff(segment.ack, direction.max_ack) < 0
+        )
         self.check_ack(direction, number, timestamp, segment.ack)
-        if not flags & SYN:
+        if not flags & SYN and not reordered:
             scale = direction.scale
             if scale is None:
                 scale = self.scale_of(direction, segment.src, segment.sport)
