@@ -434,28 +434,36 @@ class ShieldFlow:
             edge = self.right_edge
         window_bytes = max(0, seq_diff(edge, rcv_nxt))
         window = min(MAX_WINDOW_FIELD, -(-window_bytes // unit))
-        timestamp = None
-        if self._opts.timestamps:
-            tsval = self.tsval_at(now)
-            self._last_tsval = tsval
-            timestamp = (tsval, self._ts_recent or 0)
+        timestamp = self._next_timestamp(now)
+        segment = self._ack_segment(rcv_nxt, window, TcpOptions(timestamp=timestamp))
+        return Transmit(segment, "window-update")
+
+    # helpers
+
+    def _next_timestamp(self, now: float) -> tuple[int, int] | None:
+        """Return (TSval, TSecr) for a segment sent now, or None without timestamps."""
+        if not self._opts.timestamps:
+            return None
+        tsval = self.tsval_at(now)
+        self._last_tsval = tsval
+        return (tsval, self._ts_recent or 0)
+
+    def _ack_segment(self, ack: int, window: int, options: TcpOptions) -> Segment:
+        """Build a pure ACK from the container to the peer, and count it."""
         self.stats.acks_sent += 1
         key = self.key
-        segment = Segment(
+        return Segment(
             version=key.family,
             src=key.container_addr,
             dst=key.peer_addr,
             sport=key.container_port,
             dport=key.peer_port,
             seq=self._snd_nxt,
-            ack=rcv_nxt,
+            ack=ack,
             flags=ACK,
             window=window,
-            options=TcpOptions(timestamp=timestamp),
+            options=options,
         )
-        return Transmit(segment, "window-update")
-
-    # helpers
 
     def _acceptable(self, seg: Segment) -> bool:
         rcv_nxt = self.rcv_nxt
@@ -574,11 +582,7 @@ class ShieldFlow:
         self._max_edge_shown = max(self._max_edge_shown, shown_edge)
         self._last_ack = ack_offset
 
-        timestamp = None
-        if self._opts.timestamps:
-            tsval = self.tsval_at(now)
-            self._last_tsval = tsval
-            timestamp = (tsval, self._ts_recent or 0)
+        timestamp = self._next_timestamp(now)
         sack_blocks: tuple[tuple[int, int], ...] = ()
         if self._opts.sack:
             max_blocks = 3 if timestamp is not None else 4
@@ -586,20 +590,8 @@ class ShieldFlow:
                 (seq_add(self._base, start), seq_add(self._base, end))
                 for start, end in self._buffer.out_of_order_ranges()[:max_blocks]
             )
-        self.stats.acks_sent += 1
-        key = self.key
-        segment = Segment(
-            version=key.family,
-            src=key.container_addr,
-            dst=key.peer_addr,
-            sport=key.container_port,
-            dport=key.peer_port,
-            seq=self._snd_nxt,
-            ack=seq_add(self._base, ack_offset),
-            flags=ACK,
-            window=window,
-            options=TcpOptions(sack_blocks=sack_blocks, timestamp=timestamp),
-        )
+        options = TcpOptions(sack_blocks=sack_blocks, timestamp=timestamp)
+        segment = self._ack_segment(seq_add(self._base, ack_offset), window, options)
         return Transmit(segment, reason)
 
 
