@@ -21,8 +21,8 @@ def _positive_seconds(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shieldproxy",
-        description="Keep TCP peers of a checkpointed container answered, then hand "
-        "their bytes to the restored socket.",
+        description="Acknowledge the TCP peers of a checkpointed container, then "
+        "hand their bytes to the restored socket.",
     )
     parser.add_argument(
         "--log-level",

@@ -26,12 +26,12 @@ from typing import Any
 
 import trio
 
+from .kernel.netns import enter_netns, netns_command, run_in_netns
 from .kernel.nfqueue import QueueBinding, QueuedPacket
 from .kernel.rawsock import RawSender
 from .kernel.repair import dump_socket, save_dump, take_socket
 from .kernel.rules import RuleSet, Scope
 from .lab.children import Child
-from .lab.netns import enter_netns, netns_command, run_in_netns
 from .lab.topology import Lab
 from .shield import Shield
 from .tcp.seq import seq_add, seq_lt

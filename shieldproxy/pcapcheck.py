@@ -530,57 +530,60 @@ class _Checker:
             edge = (segment.ack + (segment.window << scale)) & _MASK32
             self.check_right_edge(direction, number, timestamp, edge)
 
+    @staticmethod
+    def _raise_highest(
+        direction: _Direction, field: str, value: int
+    ) -> tuple[int, int] | None:
+        """Move the highest value of ``field`` up to ``value``, mod 2**32.
+
+        Returns (highest, amount) when ``value`` is below the highest value
+        already seen in a checked direction, None otherwise.
+        """
+        highest: int | None = getattr(direction, field)
+        if highest is None:
+            setattr(direction, field, value)
+            return None
+        distance = seq_diff(value, highest)
+        if distance > 0:
+            setattr(direction, field, value)
+            return None
+        if distance < 0 and direction.checked:
+            return highest, -distance
+        return None
+
     def check_tsval(
         self, direction: _Direction, number: int, timestamp: float, tsval: int
     ) -> None:
-        highest = direction.max_tsval
-        if highest is None:
-            direction.max_tsval = tsval
+        regression = self._raise_highest(direction, "max_tsval", tsval)
+        if regression is None:
             return
-        distance = seq_diff(tsval, highest)
-        if distance > 0:
-            direction.max_tsval = tsval
-        elif distance < 0 and direction.checked:
-            direction.stats.tsval_regressions += 1
-            self.violate(
-                direction, number, timestamp, Check.TSVAL, highest, tsval, -distance
-            )
+        highest, amount = regression
+        direction.stats.tsval_regressions += 1
+        self.violate(direction, number, timestamp, Check.TSVAL, highest, tsval, amount)
 
     def check_ack(
         self, direction: _Direction, number: int, timestamp: float, ack: int
     ) -> None:
-        highest = direction.max_ack
-        if highest is None:
-            direction.max_ack = ack
+        regression = self._raise_highest(direction, "max_ack", ack)
+        if regression is None:
             return
-        distance = seq_diff(ack, highest)
-        if distance > 0:
-            direction.max_ack = ack
-        elif distance < 0 and direction.checked:
-            direction.stats.ack_regressions += 1
-            self.violate(
-                direction, number, timestamp, Check.ACK, highest, ack, -distance
-            )
+        highest, amount = regression
+        direction.stats.ack_regressions += 1
+        self.violate(direction, number, timestamp, Check.ACK, highest, ack, amount)
 
     def check_right_edge(
         self, direction: _Direction, number: int, timestamp: float, edge: int
     ) -> None:
-        highest = direction.max_right_edge
-        if highest is None:
-            direction.max_right_edge = edge
+        regression = self._raise_highest(direction, "max_right_edge", edge)
+        if regression is None:
             return
-        distance = seq_diff(edge, highest)
-        if distance > 0:
-            direction.max_right_edge = edge
-        elif distance < 0 and direction.checked:
-            stats = direction.stats
-            stats.right_edge_retractions += 1
-            stats.max_right_edge_retraction = max(
-                stats.max_right_edge_retraction, -distance
-            )
-            self.violate(
-                direction, number, timestamp, Check.RIGHT_EDGE, highest, edge, -distance
-            )
+        highest, amount = regression
+        stats = direction.stats
+        stats.right_edge_retractions += 1
+        stats.max_right_edge_retraction = max(stats.max_right_edge_retraction, amount)
+        self.violate(
+            direction, number, timestamp, Check.RIGHT_EDGE, highest, edge, amount
+        )
 
     def check_delivery(
         self, direction: _Direction, number: int, timestamp: float, segment: Segment

@@ -52,11 +52,6 @@ class ShieldCounters:
     send_errors: int = 0
 
 
-@dataclass
-class _Held:
-    packets: list[QueuedPacket] = field(default_factory=list)
-
-
 class Shield:
     """Answer queued peer packets for every flow it has a snapshot of."""
 
@@ -74,7 +69,8 @@ class Shield:
         self._limits = limits if limits is not None else FlowLimits()
         self._trickle = trickle
         self._max_held = max_held_packets
-        self._held: dict[FlowKey, _Held] = {}
+        # packets without a verdict yet, per flow, in arrival order
+        self._held: dict[FlowKey, list[QueuedPacket]] = {}
         # released flows whose packets may still be queued until the rules go
         self._passthrough: set[FlowKey] = set()
         self._held_total = 0
@@ -94,11 +90,10 @@ class Shield:
             snapshot.right_edge,
             snapshot.rcv_wscale,
         )
-        held = self._held.pop(snapshot.key, None)
-        if held is not None:
-            self._held_total -= len(held.packets)
-            for packet in held.packets:
-                self.handle_packet(packet, now)
+        held = self._held.pop(snapshot.key, [])
+        self._held_total -= len(held)
+        for packet in held:
+            self.handle_packet(packet, now)
         return flow
 
     def handover(self, key: FlowKey, now: float) -> FlowHandover:
@@ -144,32 +139,13 @@ class Shield:
                     right_edge=flow.right_edge if edge is None else edge,
                 )
             )
-        held = self._held.pop(key, None)
-        count = 0
-        if held is not None:
-            self._held_total -= len(held.packets)
-            for packet in held.packets:
-                packet.accept()
-                count += 1
+        held = self._held.pop(key, [])
+        self._held_total -= len(held)
+        for packet in held:
+            packet.accept()
+        count = len(held)
         self.counters.released += count
         log.info("released %s: %d held packets let through", key, count)
-        return count
-
-    def release_all_held(self) -> int:
-        """Let every held packet through, for flows the shield never knew."""
-        count = 0
-        for key in list(self._held):
-            count += self.release(key, 0.0)
-        return count
-
-    def drop_all_held(self) -> int:
-        count = 0
-        for held in self._held.values():
-            for packet in held.packets:
-                packet.drop()
-                count += 1
-        self._held.clear()
-        self._held_total = 0
         return count
 
     def _flow(self, key: FlowKey) -> ShieldFlow:
@@ -240,7 +216,7 @@ class Shield:
             return
         # the payload is only readable during the callback unless copied now
         packet.retain()
-        self._held.setdefault(key, _Held()).packets.append(packet)
+        self._held.setdefault(key, []).append(packet)
         self._held_total += 1
         self.counters.held += 1
 

@@ -17,8 +17,8 @@ from netfilterqueue import NetfilterQueue
 
 log = logging.getLogger(__name__)
 
-# Packets the kernel keeps queued before it drops new ones (no --queue-bypass,
-# so overflow means drops, which the peer sees as loss, never as a reset).
+# Packets the kernel keeps queued before it drops new ones. The rules use no
+# --queue-bypass, so an overflow drops packets and the peer never gets a reset.
 DEFAULT_QUEUE_MAXLEN = 4096
 # Netlink receive buffer; packets past it are lost with ENOBUFS.
 DEFAULT_SOCKET_BUFFER_BYTES = 8 * 1024 * 1024

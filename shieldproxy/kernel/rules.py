@@ -21,7 +21,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
-from shieldproxy.lab.netns import netns_command, netns_path
+from shieldproxy.kernel.netns import (
+    NetnsCommandError,
+    netns_path,
+    run_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,24 +127,18 @@ def chain_name(tag: str) -> str:
 def _run(
     argv: Sequence[str], netns: str | None, input_text: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    command = netns_command(netns, argv) if netns is not None else list(argv)
     try:
-        return subprocess.run(
-            command,
-            input=input_text,
-            capture_output=True,
-            text=True,
-            timeout=_COMMAND_TIMEOUT,
+        return run_command(
+            argv,
+            netns=netns,
             check=False,
+            timeout=_COMMAND_TIMEOUT,
+            input=input_text,
         )
-    except subprocess.TimeoutExpired:
-        raise RulesError(
-            f"command {command} timed out after {_COMMAND_TIMEOUT:.0f} s"
-        ) from None
-    except FileNotFoundError as exc:
-        raise RulesError(
-            f"command {command} not found ({exc}): install iptables and util-linux"
-        ) from None
+    except NetnsCommandError as exc:
+        if exc.returncode == 127:
+            raise RulesError(f"{exc}: install iptables and util-linux") from None
+        raise RulesError(str(exc)) from None
 
 
 def _numbered(script: str) -> str:

@@ -1,10 +1,11 @@
 """Stream receiver for lab runs: listens, or continues a restored connection.
 
-It reports on stdout as JSON lines, which the demo and the tests read:
-``listening``, ``accepted`` (pid and socket fd, for a TCP_REPAIR dump by another
-process), ``progress``, ``paused`` (after SIGUSR1, with the exact count of bytes
-the application consumed, so a restore can continue from it), ``restored``,
-``resumed``, ``first-new-byte``, ``mismatch`` and ``eof``.
+It reports on stdout as JSON lines, which the demo and the tests read. The
+events are ``listening``, ``accepted``, ``progress``, ``paused``, ``restored``,
+``resumed``, ``first-new-byte``, ``mismatch`` and ``eof``. ``accepted`` carries
+the pid and socket fd, so another process can take the socket for a TCP_REPAIR
+dump. ``paused`` comes after SIGUSR1 with the exact count of bytes the
+application consumed, so a restore can continue from it.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def listen(args: argparse.Namespace) -> int:
 
 
 def restore(args: argparse.Namespace) -> int:
-    """Restore a dumped connection once stdin says how, then go on receiving.
+    """Restore a dumped connection from parameters on stdin, then keep receiving.
 
     The process starts ahead of time and waits for one JSON line of restore
     parameters, so the hand-over does not wait for interpreter start-up while

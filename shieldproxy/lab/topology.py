@@ -31,7 +31,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from shieldproxy.lab.netns import enter_netns, netns_command, run_in_netns
+from shieldproxy.kernel.netns import (
+    NetnsCommandError,
+    enter_netns,
+    netns_command,
+    run_command,
+    run_in_netns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,24 +165,10 @@ class Lab:
 
 
 def _ip(argv: Sequence[str]) -> None:
-    command = ["ip", *argv]
     try:
-        result = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=_COMMAND_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise LabError(
-            f"command {command} timed out after {_COMMAND_TIMEOUT:.0f} s"
-        ) from None
-    if result.returncode != 0:
-        raise LabError(
-            f"command {command} exited {result.returncode}: "
-            f"{result.stderr.strip() or '(no stderr)'}"
-        )
+        run_command(["ip", *argv], timeout=_COMMAND_TIMEOUT)
+    except NetnsCommandError as exc:
+        raise LabError(str(exc)) from None
 
 
 def sysctl(ns: str, key: str, value: str | int) -> None:

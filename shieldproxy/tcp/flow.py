@@ -423,10 +423,10 @@ class ShieldFlow:
         """Build a window update announcing the restored socket's receive window.
 
         A restored Linux socket announces itself with a window probe whose
-        sequence number is snd_una - 1, which the peer drops as an old segment, so
-        a peer stuck at a zero window would otherwise wait for its next backed-off
-        persist probe. This ACK carries the restored socket's rcv_nxt and right
-        edge, which must be at or past every edge the shield showed.
+        sequence number is snd_una - 1, and the peer drops that as an old
+        segment. A peer stuck at a zero window would then wait for its next
+        backed-off persist probe. This ACK carries the restored socket's rcv_nxt
+        and right edge, which must be at or past every edge the shield showed.
         """
         unit = 1 << self._opts.rcv_wscale
         edge = right_edge
@@ -535,8 +535,8 @@ class ShieldFlow:
 
         With a window scale the window is shown in units of ``1 << rcv_wscale``.
         An ACK for every byte held would usually need a window that is not a
-        whole number of units, so the edge would have to move right ("creep",
-        as Linux's tcp_select_window does) on nearly every ACK, and the buffer
+        whole number of units. The edge would then have to move right on nearly
+        every ACK ("creep", as Linux's tcp_select_window does), and the buffer
         would grow without bound. So the ACK normally stops at the last byte
         that keeps the edge on the unit grid, and the up to ``unit - 1`` bytes
         after it are acknowledged by a later ACK. If no later data comes within

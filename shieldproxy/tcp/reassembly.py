@@ -24,7 +24,7 @@ class _Block:
 
 @dataclass(frozen=True)
 class InsertResult:
-    """What one insert did to the buffer, in bytes."""
+    """Byte counts of one insert into the buffer."""
 
     new: int
     """Input bytes that were not held before."""

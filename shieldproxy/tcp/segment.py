@@ -233,8 +233,8 @@ def parse_packet_untrusted(data: bytes, *, verify_checksum: bool = False) -> Seg
     """Parse an IPv4 or IPv6 packet carrying TCP.
 
     Packets taken from NFQUEUE on the forwarding path may still carry a partial
-    checksum (offloaded to a NIC that never ran), so checksums are only verified
-    when asked; the result is recorded in ``Segment.checksum_ok``.
+    checksum, left for an offload that never ran. So checksums are verified only
+    when asked, and the result is recorded in ``Segment.checksum_ok``.
     """
     if not data:
         raise MalformedSegment("empty packet")

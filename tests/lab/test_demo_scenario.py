@@ -1,6 +1,5 @@
 """End-to-end checkpoints of a streaming connection, with real Linux TCP peers."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,15 +10,12 @@ import pytest
 import trio
 
 from shieldproxy.demo import ScenarioConfig, run_scenario
+from shieldproxy.kernel.netns import enter_netns
 from shieldproxy.kernel.nfqueue import QueueBinding
 from shieldproxy.kernel.rules import save
-from shieldproxy.lab.netns import enter_netns
 from shieldproxy.lab.topology import lab
 
-pytestmark = [
-    pytest.mark.lab,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-]
+pytestmark = pytest.mark.lab
 
 FREEZE_S = 5.0
 MIN_ABSORBED_BYTES = 1_000_000
@@ -89,8 +85,9 @@ def check_shielded_run(result):
 @pytest.mark.parametrize("family", [4, 6])
 def test_shielded_freeze_loses_nothing(checked_lab, tmp_path, family):
     # NOTE: on a loaded 2-core machine about one run in six has shown one peer
-    # RTO (two timeouts with backoff), so a second run is allowed for the RTO
-    # count only; every run must keep all the other invariants.
+    # RTO (two timeouts with backoff), and the cause is not known. So a second
+    # run is allowed for the RTO count only. Every run must keep all the other
+    # invariants.
     timeouts = []
     for attempt in range(2):
         result = run(

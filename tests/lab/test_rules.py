@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import select
 import socket
@@ -15,6 +14,7 @@ import pytest
 from netfilterqueue import NetfilterQueue
 
 from shieldproxy.kernel import rules
+from shieldproxy.kernel.netns import enter_netns, run_in_netns
 from shieldproxy.kernel.rules import (
     SHIELD_MARK,
     Family,
@@ -25,13 +25,9 @@ from shieldproxy.kernel.rules import (
     restore,
     save,
 )
-from shieldproxy.lab.netns import enter_netns, run_in_netns
 from shieldproxy.lab.topology import Lab, Role, lab
 
-pytestmark = [
-    pytest.mark.lab,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-]
+pytestmark = pytest.mark.lab
 
 PORT = 5002
 QUEUE = 7

@@ -13,20 +13,17 @@ from typing import Any
 
 import pytest
 
-from shieldproxy.lab import topology
-from shieldproxy.lab.netns import (
+from shieldproxy.kernel.netns import (
     NetnsCommandError,
     NetnsError,
     enter_netns,
     netns_command,
     run_in_netns,
 )
+from shieldproxy.lab import topology
 from shieldproxy.lab.topology import Lab, LabError, Role, lab, lab_down, lab_up, sysctl
 
-pytestmark = [
-    pytest.mark.lab,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-]
+pytestmark = pytest.mark.lab
 
 PORT = 5001
 TIMEOUT = 2.0

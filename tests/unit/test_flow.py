@@ -190,7 +190,7 @@ def test_syn_gets_rate_limited_challenge_ack():
     assert len(flow.receive(peer(7, flags=SYN), now=11.5)) == 1
 
 
-def test_ack_of_unsent_data_gets_ack_and_is_dropped():
+def test_ack_of_unsent_data_rejected():
     flow = ShieldFlow(snapshot())
     reply = only_transmit(flow.receive(peer(0, b"z" * 10, ack=SND_NXT + 5), now=10.0))
     assert reply.reason == "bad-ack"

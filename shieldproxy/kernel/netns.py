@@ -120,16 +120,16 @@ def netns_command(
     return command
 
 
-def run_in_netns(
-    name: str,
+def run_command(
     argv: Sequence[str],
+    *,
+    netns: str | None = None,
     check: bool = True,
     capture: bool = True,
-    *,
     timeout: float | None = 30.0,
     input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ARGV in network namespace NAME and wait for it.
+    """Run ARGV, inside network namespace NETNS when given, and wait for it.
 
     Args:
         capture: collect stdout and stderr as text instead of passing ours on.
@@ -137,10 +137,11 @@ def run_in_netns(
         input: text written to the command's stdin.
 
     Raises:
-        NetnsCommandError: the command timed out, or with ``check`` exited
-            non-zero; the message contains the command and its stderr.
+        NetnsCommandError: the command was not found, timed out, or with
+            ``check`` exited non-zero; the message contains the command and
+            its stderr.
     """
-    command = netns_command(name, argv)
+    command = list(argv) if netns is None else netns_command(netns, argv)
     log.debug("running %s", command)
     try:
         result = subprocess.run(
@@ -155,6 +156,23 @@ def run_in_netns(
         partial = exc.stderr or b""
         text = partial if isinstance(partial, str) else partial.decode(errors="replace")
         raise NetnsCommandError(command, None, text) from exc
+    except FileNotFoundError as exc:
+        raise NetnsCommandError(command, 127, f"{exc}") from exc
     if check and result.returncode != 0:
         raise NetnsCommandError(command, result.returncode, result.stderr or "")
     return result
+
+
+def run_in_netns(
+    name: str,
+    argv: Sequence[str],
+    check: bool = True,
+    capture: bool = True,
+    *,
+    timeout: float | None = 30.0,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ARGV in network namespace NAME; see :func:`run_command`."""
+    return run_command(
+        argv, netns=name, check=check, capture=capture, timeout=timeout, input=input
+    )
