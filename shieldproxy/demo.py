@@ -47,6 +47,15 @@ PEER_COUNTERS = (
     "TcpExtTCPAbortOnTimeout",
     "TcpExtTCPSpuriousRTOs",
 )
+# Receive-side drops in the container namespace: data the restored socket had
+# no buffer for, or out-of-order data it pruned.
+CONTAINER_COUNTERS = (
+    "TcpExtTCPRcvQDrop",
+    "TcpExtTCPRcvPruned",
+    "TcpExtTCPOFODrop",
+    "TcpExtTCPZeroWindowDrop",
+    "TcpExtTCPBacklogDrop",
+)
 STREAM_PORT = 5001
 LAB_ENV = "SHIELDPROXY_LAB"
 CAPTURE_SNAPLEN = 128
@@ -83,6 +92,7 @@ class ScenarioResult:
     acks_sent: int = 0
     resume_gap_s: float | None = None
     peer_counters: dict[str, int] = field(default_factory=dict)
+    container_counters: dict[str, int] = field(default_factory=dict)
     max_right_edge_retraction: int | None = None
     capture_violations: int | None = None
     shield_counters: dict[str, int] = field(default_factory=dict)
@@ -101,11 +111,11 @@ ProgressCallback = Callable[[str, float, float, int, int], None]
 """Called with (mode, elapsed s, freeze s, bytes absorbed, ACKs sent)."""
 
 
-def read_counters(netns: str) -> dict[str, int]:
-    """Absolute TCP counters of a network namespace, from nstat."""
+def read_counters(netns: str, names: tuple[str, ...] = PEER_COUNTERS) -> dict[str, int]:
+    """Return absolute TCP counters of a network namespace, from nstat."""
     result = run_in_netns(netns, ["nstat", "-a", "-z", "-s", "-j"])
     kernel = json.loads(result.stdout)["kernel"]
-    return {name: int(kernel.get(name, 0)) for name in PEER_COUNTERS}
+    return {name: int(kernel.get(name, 0)) for name in names}
 
 
 def _python_module(module: str, *args: str) -> list[str]:
@@ -166,6 +176,7 @@ async def run_scenario(
             )  # fmt: skip
             await server.wait_for("listening", 10)
             counters_before = read_counters(lab.peer_ns)
+            container_before = read_counters(lab.ctr_ns, CONTAINER_COUNTERS)
             duration = config.warmup_s + config.freeze_s + config.after_s + 120
             total = int(config.rate_bytes_per_s * (duration - 120))
             client = await start(
@@ -256,12 +267,14 @@ async def run_scenario(
             await restored_server.send_line(json.dumps(request))
             restored = await restored_server.wait_for("restored", 20)
 
-            # Repair goes off without the kernel's window probe, because a Linux
-            # peer drops that probe as old (its sequence number is snd_una - 1).
-            # The shield announces the restored window instead, then lets the
-            # held packets through, and the rules go away.
-            await restored_server.send_line("go")
-            resumed = await restored_server.wait_for("resumed", 10)
+            # The shield announces the restored window while the socket is
+            # still in repair mode. Every segment the kernel sends later shows
+            # that edge or a larger one, so nothing the peer sees moves left.
+            # Then the rules go, as CRIU unlocks the network before switching
+            # repair off: the kernel's first ACKs must not meet the rule that
+            # drops the container's packets. Repair goes off without the
+            # kernel's window probe, because a Linux peer drops that probe as
+            # old (its sequence number is snd_una - 1).
             if shield is not None:
                 flow_stats = shield.flows[dump.key].stats
                 result.bytes_absorbed = flow_stats.bytes_absorbed
@@ -273,16 +286,23 @@ async def run_scenario(
                     restored_right_edge=restored["right_edge"],
                 )
                 result.shield_counters = shield.totals()
-            rules.remove()
+            # iptables-restore takes milliseconds; in a thread, so the queue
+            # reader keeps letting the peer's packets through meanwhile
+            await trio.to_thread.run_sync(rules.remove)
             if binding is not None:
+                binding.drain()
                 binding.close()
                 binding = None
+            await restored_server.send_line("go")
+            resumed = await restored_server.wait_for("resumed", 10)
 
             outcome = await _wait_outcome(restored_server, client, config)
             first_new = restored_server.last("first-new-byte")
             if first_new is not None:
                 result.resume_gap_s = first_new["t"] - resumed["t"]
             result.peer_counters = _diff(read_counters(lab.peer_ns), counters_before)
+            container_after = read_counters(lab.ctr_ns, CONTAINER_COUNTERS)
+            result.container_counters = _diff(container_after, container_before)
             done = client.last("done") or client.last("progress") or {}
             result.bytes_sent = done.get("sent", 0)
             result.integrity_ok, result.integrity, result.bytes_received = outcome

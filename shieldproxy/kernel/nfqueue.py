@@ -90,6 +90,15 @@ class QueueBinding:
             if after_batch is not None:
                 after_batch()
 
+    def drain(self) -> None:
+        """Give a verdict to every packet already waiting in the socket.
+
+        Call this before :meth:`close` once the rules stop queueing: the kernel
+        drops packets that are still queued when the binding goes away.
+        """
+        if not self._closed:
+            self._nfq.run(block=False)
+
     def close(self) -> None:
         if self._closed:
             return

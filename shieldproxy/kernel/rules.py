@@ -96,6 +96,22 @@ class Scope:
         """IP version of the address: 4 or 6."""
         return 4 if ipaddress.ip_network(self.address).version == 4 else 6
 
+    def outbound_match_args(self, hook: Hook) -> str:
+        """Return the match arguments for the container's packets to its peers.
+
+        With the INPUT hook these packets pass the OUTPUT chain, where ``-i``
+        does not exist, so only the address and port are matched there.
+        """
+        parts = ["-p tcp", f"-s {ipaddress.ip_network(self.address)}"]
+        if self.port is not None:
+            parts.append(f"--sport {self.port}")
+        if hook == "FORWARD":
+            if self.out_interface is not None:
+                parts.append(f"-i {self.out_interface}")
+            if self.in_interface is not None:
+                parts.append(f"-o {self.in_interface}")
+        return " ".join(parts)
+
     def match_args(self) -> str:
         """Return the iptables match arguments for this scope."""
         parts = ["-p tcp", f"-d {ipaddress.ip_network(self.address)}"]
@@ -341,6 +357,12 @@ class RuleSet:
         for scope in self.scopes:
             if scope.family == family:
                 lines.append(f"-A {self.chain} {scope.match_args()} {target}")
+                # While frozen the container's own packets are dropped, as CRIU's
+                # lock does. A socket in repair mode still sends delayed ACKs,
+                # and one sent after the dump can show a larger right edge than
+                # the dump recorded, which the shield's ACKs would then retract.
+                outbound = scope.outbound_match_args(self.hook)
+                lines.append(f"-A {self.chain} {outbound} -j DROP")
         return lines
 
     def script(self, family: Family, action: Action, *, with_jump: bool) -> str:
@@ -348,6 +370,9 @@ class RuleSet:
         lines = ["*filter", *self._chain_rules(family, action)]
         if with_jump:
             lines.append(f"-I {self.hook} 1 -j {self.chain}")
+            if self.hook == "INPUT":
+                # the container's own packets leave a sidecar's namespace here
+                lines.append(f"-I OUTPUT 1 -j {self.chain}")
         lines.append("COMMIT")
         return "\n".join(lines) + "\n"
 

@@ -89,12 +89,14 @@ def sp_chains(netns: str) -> list[str]:
     return found
 
 
-def rule_packets(netns: str, version: Family, chain: str, target: str) -> int:
-    """Return the packet counter of CHAIN's rule with TARGET, via iptables-save -c."""
+def rule_packets(
+    netns: str, version: Family, chain: str, target: str, contains: str = ""
+) -> int:
+    """Return the packet counter of CHAIN's first rule with TARGET and CONTAINS."""
     command = ["iptables-save" if version == 4 else "ip6tables-save", "-c"]
     output = run_in_netns(netns, command).stdout
     for line in output.splitlines():
-        if f"-A {chain} " in line and f"-j {target}" in line:
+        if f"-A {chain} " in line and f"-j {target}" in line and contains in line:
             return int(line.split("]", 1)[0].lstrip("[").split(":")[0])
     raise AssertionError(f"no {target} rule in {chain}:\n{output}")
 
@@ -135,8 +137,13 @@ def test_queue_blocks_until_removed(
         assert ruleset.action == "queue"
         text = save(running_lab.gw_ns, version)
         lines = chain_lines(text, ruleset.chain)
-        assert len(lines) == 2
+        assert len(lines) == 3
         assert lines[0] == f"-A {ruleset.chain} -m mark --mark 0xc114 -j RETURN"
+        # the container's own packets are dropped while the rules are in place
+        assert f"--sport {PORT}" in lines[2]
+        assert f"-i {running_lab.gw_ctr_if}" in lines[2]
+        assert f"-o {running_lab.gw_peer_if}" in lines[2]
+        assert lines[2].endswith("-j DROP")
         assert f"--dport {PORT}" in lines[1]
         assert f"-i {running_lab.gw_peer_if}" in lines[1]
         assert f"-o {running_lab.gw_ctr_if}" in lines[1]
@@ -177,13 +184,22 @@ def test_queue_delivers_to_listener(running_lab: Lab, servers: None) -> None:
     worker.start()
     try:
         scope = gateway_scope(running_lab, 4)
-        with RuleSet(new_tag(), [scope], QUEUE, netns=running_lab.gw_ns):
-            assert connects(running_lab, "peer", running_lab.ctr_v4, OPEN_TIMEOUT)
+        ruleset = RuleSet(new_tag(), [scope], QUEUE, netns=running_lab.gw_ns)
+        with ruleset:
+            # The accepted SYN reaches the container, whose SYN-ACK the rule
+            # set drops: nothing of the container leaves while it is frozen.
+            assert not connects(
+                running_lab, "peer", running_lab.ctr_v4, BLOCKED_TIMEOUT
+            )
+            syn_acks = rule_packets(
+                running_lab.gw_ns, 4, ruleset.chain, "DROP", f"--sport {PORT}"
+            )
     finally:
         stop.set()
         worker.join(5)
         queue.unbind()
     assert len(seen) >= 1
+    assert syn_acks >= 1
 
 
 @pytest.mark.parametrize("version", [4, 6])
@@ -196,8 +212,9 @@ def test_drop_mode_drops(running_lab: Lab, servers: None, version: Family) -> No
         assert ruleset.action == "drop"
         text = save(running_lab.gw_ns, version)
         lines = chain_lines(text, ruleset.chain)
-        assert len(lines) == 2
+        assert len(lines) == 3
         assert lines[1].endswith("-j DROP")
+        assert lines[2].endswith("-j DROP")
         assert "NFQUEUE" not in text
         assert not connects(running_lab, "peer", address, BLOCKED_TIMEOUT)
         assert rule_packets(running_lab.gw_ns, version, ruleset.chain, "DROP") >= 1
@@ -230,7 +247,7 @@ def test_switch_is_one_restore_per_family(
         for version in (4, 6):
             text = save(running_lab.gw_ns, version)
             lines = chain_lines(text, ruleset.chain)
-            assert len(lines) == 2
+            assert len(lines) == 3
             assert lines[1].endswith("-j DROP")
             assert text.count(f"-j {ruleset.chain}") == 1
         ruleset.switch("queue")
@@ -252,7 +269,7 @@ def test_switch_never_shows_partial_chain(running_lab: Lab) -> None:
             while not stop.is_set() and time.monotonic() < deadline:
                 lines = chain_lines(save(running_lab.gw_ns, 4), ruleset.chain)
                 samples += 1
-                if len(lines) != 2:
+                if len(lines) != 3:
                     partial.append(lines)
 
         worker = threading.Thread(target=sample)
@@ -340,10 +357,19 @@ def test_sidecar_input_exempts_mark(running_lab: Lab, servers: None) -> None:
     with ruleset:
         text = save(running_lab.ctr_ns, 4)
         assert f"-A INPUT -j {ruleset.chain}" in text
+        assert f"-A OUTPUT -j {ruleset.chain}" in text
         assert not connects(running_lab, "peer", running_lab.ctr_v4, BLOCKED_TIMEOUT)
-        # Traffic inside the container namespace crosses INPUT with its mark kept.
-        assert connects(
-            running_lab, "ctr", running_lab.ctr_v4, OPEN_TIMEOUT, mark=SHIELD_MARK
+        queued = rule_packets(running_lab.ctr_ns, 4, ruleset.chain, "NFQUEUE")
+        # Traffic inside the container namespace crosses INPUT with its mark
+        # kept, so the marked SYN skips the queue. The listener's unmarked
+        # SYN-ACK is the container's own packet and is dropped in OUTPUT.
+        assert not connects(
+            running_lab, "ctr", running_lab.ctr_v4, BLOCKED_TIMEOUT, mark=SHIELD_MARK
+        )
+        assert rule_packets(running_lab.ctr_ns, 4, ruleset.chain, "RETURN") >= 1
+        assert rule_packets(running_lab.ctr_ns, 4, ruleset.chain, "NFQUEUE") == queued
+        assert (
+            rule_packets(running_lab.ctr_ns, 4, ruleset.chain, "DROP", "--sport") >= 1
         )
         assert not connects(running_lab, "ctr", running_lab.ctr_v4, BLOCKED_TIMEOUT)
     assert connects(running_lab, "peer", running_lab.ctr_v4, OPEN_TIMEOUT)
