@@ -11,8 +11,8 @@ demo: setup
 	.venv/bin/shieldproxy demo --freeze $(FREEZE)
 
 test: setup
-	.venv/bin/ruff format --check shieldproxy tests
-	.venv/bin/ruff check shieldproxy tests
+	.venv/bin/ruff format --check shieldproxy tests bench
+	.venv/bin/ruff check shieldproxy tests bench
 	.venv/bin/mypy shieldproxy
 	$(PYTHON) -m pytest -q
 

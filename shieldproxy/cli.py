@@ -8,6 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from .config import format_errors
+
 
 def _positive_seconds(text: str) -> float:
     value = float(text)
@@ -48,24 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="checkpoint a streaming connection with and without the shield"
     )
     demo.add_argument(
+        "--config",
+        type=Path,
+        help="YAML file of demo settings (see config/demo.yaml); options override it",
+    )
+    demo.add_argument(
         "--freeze",
         type=_positive_seconds,
-        default=20.0,
         help="seconds the connection stays checkpointed (default 20)",
     )
-    demo.add_argument("--ipv6", action="store_true", help="run the flow over IPv6")
+    demo.add_argument(
+        "--ipv6", action="store_true", default=None, help="run the flow over IPv6"
+    )
     demo.add_argument("--json", type=Path, help="also write the results to this file")
     demo.add_argument(
         "--keep", type=Path, help="keep dumps, captures and logs in this folder"
     )
     demo.add_argument(
-        "--no-baseline", action="store_true", help="skip the run without the shield"
+        "--no-baseline",
+        action="store_true",
+        default=None,
+        help="skip the run without the shield",
     )
     demo.add_argument(
-        "--rate",
-        type=int,
-        default=4 * 1024 * 1024,
-        help="peer send rate in bytes per second (default 4 MiB/s)",
+        "--rate", type=int, help="peer send rate in bytes per second (default 4 MiB/s)"
     )
 
     check = sub.add_parser(
@@ -83,21 +93,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lab":
         return _lab(args)
     if args.command == "demo":
-        from .demo import demo_main
-
-        return demo_main(
-            freeze_s=args.freeze,
-            family=6 if args.ipv6 else 4,
-            json_path=args.json,
-            keep_dir=args.keep,
-            baseline=not args.no_baseline,
-            rate_bytes_per_s=args.rate,
-        )
+        return _demo(args)
     if args.command == "check-pcap":
         from .pcapcheck import main as check_main
 
         return check_main(args.args)
     raise AssertionError(args.command)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .config import ConfigError, DemoConfig, load_config
+    from .demo import demo_main
+
+    try:
+        settings = load_config(args.config, DemoConfig) if args.config else DemoConfig()
+        overrides: dict[str, object] = {}
+        if args.freeze is not None:
+            overrides["freeze_s"] = args.freeze
+        if args.ipv6:
+            overrides["ip_version"] = 6
+        if args.rate is not None:
+            overrides["rate_bytes_per_s"] = args.rate
+        if args.no_baseline:
+            overrides["baseline"] = False
+        # validate the merged settings, so options get the file's checks too
+        settings = DemoConfig.model_validate({**settings.model_dump(), **overrides})
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(format_errors(Path("(command line)"), exc), file=sys.stderr)
+        return 2
+    return demo_main(settings, json_path=args.json, keep_dir=args.keep)
 
 
 def _lab(args: argparse.Namespace) -> int:

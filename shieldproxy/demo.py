@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from .config import DemoConfig
 from .kernel.netns import enter_netns, netns_command, run_in_netns
 from .kernel.nfqueue import QueueBinding, QueuedPacket
 from .kernel.rawsock import RawSender
@@ -507,30 +508,30 @@ def print_progress(stream: Any) -> ProgressCallback:
 
 async def run_demo(
     lab: Lab,
-    *,
-    freeze_s: float,
-    family: int,
+    settings: DemoConfig,
     work_dir: Path,
-    baseline: bool = True,
     progress: ProgressCallback | None = None,
-    rate_bytes_per_s: int = 4 * 1024 * 1024,
 ) -> DemoReport:
+    """Run the shielded scenario, then the baseline unless turned off."""
     runs = []
-    modes = [True, False] if baseline else [True]
+    modes = [True, False] if settings.baseline else [True]
     for index, shielded in enumerate(modes):
         config = ScenarioConfig(
             shielded=shielded,
-            freeze_s=freeze_s,
-            family=family,
+            freeze_s=settings.freeze_s,
+            family=settings.ip_version,
             queue_num=index,
-            rate_bytes_per_s=rate_bytes_per_s,
+            rate_bytes_per_s=settings.rate_bytes_per_s,
+            warmup_s=settings.warmup_s,
+            after_s=settings.after_s,
+            receiver_rcvbuf_bytes=settings.receiver_rcvbuf_bytes,
         )
         runs.append(await run_scenario(lab, config, work_dir, progress))
         if progress is not None and sys.stderr.isatty():
             sys.stderr.write("\n")
     return DemoReport(
-        freeze_s=freeze_s,
-        family=family,
+        freeze_s=settings.freeze_s,
+        family=settings.ip_version,
         runs=runs,
         started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         machine=machine_facts(),
@@ -561,13 +562,7 @@ async def _until_sigterm(
 
 
 def demo_main(
-    *,
-    freeze_s: float,
-    family: int,
-    json_path: Path | None,
-    keep_dir: Path | None,
-    baseline: bool,
-    rate_bytes_per_s: int,
+    settings: DemoConfig, *, json_path: Path | None, keep_dir: Path | None
 ) -> int:
     """Run the demo in a fresh lab and print the comparison; return exit status."""
     from .lab.topology import lab as lab_context
@@ -580,22 +575,17 @@ def demo_main(
         work_dir = keep_dir if keep_dir is not None else Path(tmp)
         work_dir.mkdir(parents=True, exist_ok=True)
         with lab_context() as lab:
+            v4 = settings.ip_version == 4
             print(
-                f"lab {lab.lab_id}: peer {lab.peer_v4 if family == 4 else lab.peer_v6}"
-                f" -> gateway -> container "
-                f"{lab.ctr_v4 if family == 4 else lab.ctr_v6}, freeze {freeze_s:g} s",
+                f"lab {lab.lab_id}: peer {lab.peer_v4 if v4 else lab.peer_v6}"
+                f" -> gateway -> container {lab.ctr_v4 if v4 else lab.ctr_v6},"
+                f" freeze {settings.freeze_s:g} s",
                 flush=True,
             )
             report = trio.run(
                 _until_sigterm,
                 lambda: run_demo(
-                    lab,
-                    freeze_s=freeze_s,
-                    family=family,
-                    work_dir=work_dir,
-                    baseline=baseline,
-                    progress=print_progress(sys.stderr),
-                    rate_bytes_per_s=rate_bytes_per_s,
+                    lab, settings, work_dir, progress=print_progress(sys.stderr)
                 ),
             )
     if report is None:
