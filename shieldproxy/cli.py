@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -82,7 +83,56 @@ def build_parser() -> argparse.ArgumentParser:
         "check-pcap", help="check a capture against the shield's invariants"
     )
     check.add_argument("args", nargs=argparse.REMAINDER, help="see check-pcap --help")
+    _add_daemon_commands(sub)
     return parser
+
+
+DEFAULT_CONTROL_SOCKET = Path("/run/shieldproxy/control.sock")
+
+
+def _add_daemon_commands(sub: Any) -> None:
+    run = sub.add_parser("run", help="run the shield daemon from a YAML config file")
+    run.add_argument("--config", type=Path, required=True, help="YAML config file")
+
+    config = sub.add_parser("config", help="validate a config file or print its schema")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a config file and exit")
+    check.add_argument("file", type=Path, help="YAML config file")
+    config_sub.add_parser("schema", help="print the config file's JSON schema")
+
+    def control(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument(
+            "--socket",
+            type=Path,
+            help=f"daemon control socket (default {DEFAULT_CONTROL_SOCKET})",
+        )
+        where.add_argument(
+            "--config", type=Path, help="take the control socket from this config"
+        )
+        return parser
+
+    freeze = control("freeze", "divert a scope's peers to the shield")
+    freeze.add_argument("--scope", required=True, help="scope name from the config")
+    freeze.add_argument(
+        "--dump",
+        type=Path,
+        action="append",
+        default=[],
+        help="socket dump file of a flow to answer for (repeatable)",
+    )
+    thaw = control("thaw", "hand a frozen scope's flows over, one file pair each")
+    thaw.add_argument("--scope", required=True, help="scope name from the config")
+    thaw.add_argument("--out", type=Path, required=True, help="folder for hand-overs")
+    control("status", "show each scope's state and counters")
+    flows = control("flows", "list the shielded flows")
+    flows.add_argument("--scope", help="only this scope")
+    release = control("release", "let held packets through and remove rules")
+    release.add_argument("--scope", help="only this scope (default: all)")
+    release.add_argument(
+        "--force", action="store_true", help="also release scopes still frozen"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,11 +144,126 @@ def main(argv: list[str] | None = None) -> int:
         return _lab(args)
     if args.command == "demo":
         return _demo(args)
-    if args.command == "check-pcap":
-        from .pcapcheck import main as check_main
+    if args.command == "run":
+        return _run(args)
+    if args.command == "config":
+        from .config_cli import check_main, schema_main
 
-        return check_main(args.args)
+        if args.config_command == "check":
+            return check_main(args.file)
+        return schema_main()
+    if args.command in ("freeze", "thaw", "status", "flows", "release"):
+        return _control(args)
+    if args.command == "check-pcap":
+        from .pcapcheck import main as pcap_main
+
+        return pcap_main(args.args)
     raise AssertionError(args.command)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import trio
+
+    from .config import ConfigError, ShieldConfig, load_config
+    from .daemon import Daemon
+
+    try:
+        config = load_config(args.config, ShieldConfig)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    _setup_logging(config.logging.level, config.logging.format)
+    daemon = Daemon(config)
+    try:
+        trio.run(daemon.run)
+    except Exception as exc:
+        logging.getLogger("shieldproxy").error("daemon failed: %s", exc)
+        return 1
+    return 0
+
+
+def _setup_logging(level: str, style: str) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler()
+    if style == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "time": self.formatTime(record),
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def _control(args: argparse.Namespace) -> int:
+    from .config import ConfigError, ShieldConfig, load_config
+    from .control import ControlError, DaemonNotRunning, call
+
+    socket_path = args.socket or DEFAULT_CONTROL_SOCKET
+    try:
+        if args.config is not None:
+            socket_path = load_config(args.config, ShieldConfig).control.socket_path
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    request: dict[str, Any] = {"command": args.command}
+    if args.command == "freeze":
+        request.update(scope=args.scope, dumps=[str(p.resolve()) for p in args.dump])
+    elif args.command == "thaw":
+        request.update(scope=args.scope, out_dir=str(args.out.resolve()))
+    elif args.command == "flows" and args.scope:
+        request["scope"] = args.scope
+    elif args.command == "release":
+        request["force"] = args.force
+        if args.scope:
+            request["scope"] = args.scope
+    try:
+        result = call(socket_path, request)
+    except DaemonNotRunning as exc:
+        if args.command == "release" and args.force and args.config is not None:
+            return _release_without_daemon(args.config)
+        print(f"shieldproxy {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except ControlError as exc:
+        print(f"shieldproxy {args.command}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _release_without_daemon(config_path: Path) -> int:
+    """Remove the rules a stopped daemon left, found by their chain names."""
+    from .config import ShieldConfig, load_config
+    from .daemon import CHAIN_TAG_PREFIX
+    from .kernel.rules import CHAIN_PREFIX, RulesError, remove_leftover_chains
+
+    config = load_config(config_path, ShieldConfig)
+    try:
+        removed = remove_leftover_chains(
+            config.netns, tag_prefix=CHAIN_PREFIX + CHAIN_TAG_PREFIX
+        )
+    except RulesError as exc:
+        print(f"shieldproxy release: {exc}", file=sys.stderr)
+        return 1
+    for chain in removed:
+        print(f"removed {chain} (no daemon was running)")
+    if not removed:
+        print("no daemon is running and none of its rules are left")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

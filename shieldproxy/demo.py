@@ -27,6 +27,7 @@ from typing import Any
 import trio
 
 from .config import DemoConfig
+from .handover import restored_right_edge
 from .kernel.netns import enter_netns, netns_command, run_in_netns
 from .kernel.nfqueue import QueueBinding, QueuedPacket
 from .kernel.rawsock import RawSender
@@ -35,7 +36,7 @@ from .kernel.rules import RuleSet, Scope
 from .lab.children import Child
 from .lab.topology import Lab
 from .shield import Shield
-from .tcp.seq import seq_add, seq_lt
+from .tcp.flow import FlowHandover
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,9 @@ CONTAINER_COUNTERS = (
     "TcpExtTCPZeroWindowDrop",
     "TcpExtTCPBacklogDrop",
 )
-STREAM_PORT = 5001
 LAB_ENV = "SHIELDPROXY_LAB"
 CAPTURE_SNAPLEN = 128
+STREAM_PORT = 5001
 
 
 @dataclass
@@ -75,6 +76,11 @@ class ScenarioConfig:
     receiver_rcvbuf_bytes: int = 8 * 1024 * 1024
     queue_num: int = 0
     capture: bool = True
+    port: int = STREAM_PORT
+    daemon_socket: Path | None = None
+    """Control socket of a running daemon to shield with, instead of in-process."""
+    daemon_scope: str = ""
+    """Daemon scope that covers the flow, when ``daemon_socket`` is set."""
 
 
 @dataclass
@@ -136,7 +142,7 @@ async def run_scenario(
     run_dir.mkdir(parents=True, exist_ok=True)
     ctr_addr = lab.ctr_v4 if config.family == 4 else lab.ctr_v6
     tag = f"{lab.lab_id}{secrets.token_hex(2)}"
-    rules = RuleSet(tag, [Scope(ctr_addr, STREAM_PORT)], config.queue_num,
+    rules = RuleSet(tag, [Scope(ctr_addr, config.port)], config.queue_num,
                     hook="FORWARD", netns=lab.gw_ns)  # fmt: skip
     children: list[Child] = []
     capture: Child | None = None
@@ -161,7 +167,7 @@ async def run_scenario(
                     [
                         "tcpdump", "-i", lab.peer_if, "-s", str(CAPTURE_SNAPLEN),
                         "-U", "-n", "-w", str(run_dir / "peer.pcap"),
-                        f"tcp and src host {ctr_addr} and src port {STREAM_PORT}",
+                        f"tcp and src host {ctr_addr} and src port {config.port}",
                     ],
                 )  # fmt: skip
                 await _wait_for_capture(capture)
@@ -171,7 +177,7 @@ async def run_scenario(
                 lab.ctr_ns,
                 _python_module(
                     "shieldproxy.lab.stream_server", "listen", "--addr", ctr_addr,
-                    "--port", str(STREAM_PORT),
+                    "--port", str(config.port),
                     "--rcvbuf", str(config.receiver_rcvbuf_bytes),
                 ),
             )  # fmt: skip
@@ -185,7 +191,7 @@ async def run_scenario(
                 lab.peer_ns,
                 _python_module(
                     "shieldproxy.lab.stream_client", "--addr", ctr_addr,
-                    "--port", str(STREAM_PORT),
+                    "--port", str(config.port),
                     "--rate", str(config.rate_bytes_per_s), "--total", str(total),
                     "--duration", str(duration),
                 ),
@@ -195,7 +201,10 @@ async def run_scenario(
 
             # engage: divert or drop the peer's packets before the socket stops
             shield: Shield | None = None
-            if config.shielded:
+            daemon = _DaemonClient(config) if config.daemon_socket else None
+            if daemon is not None:
+                await daemon.call(command="freeze", dumps=[])
+            elif config.shielded:
                 with enter_netns(lab.gw_ns):
                     sender = RawSender()
                     shield = Shield(sender)
@@ -221,6 +230,9 @@ async def run_scenario(
                 if shield is not None:
                     shield.add_flow(dump.flow_snapshot(), time.monotonic())
                 save_dump(dump, run_dir / "socket.json")
+                if daemon is not None:
+                    dump_path = str(run_dir / "socket.json")
+                    await daemon.call(command="freeze", dumps=[dump_path])
                 await server.stop()
             finally:
                 sock.close()  # in repair mode: no FIN, no RST
@@ -236,6 +248,8 @@ async def run_scenario(
             while (elapsed := time.monotonic() - frozen_at) < config.freeze_s:
                 if progress is not None:
                     totals = shield.totals() if shield else {}
+                    if daemon is not None:
+                        totals = await daemon.scope_status()
                     progress(mode, elapsed, config.freeze_s,
                              totals.get("bytes_absorbed", 0),
                              totals.get("acks_sent", 0))  # fmt: skip
@@ -247,17 +261,24 @@ async def run_scenario(
                 "dump": str(run_dir / "socket.json"),
                 "offset": paused["received"],
             }
-            if shield is not None:
-                handover_at = time.monotonic()
-                handover = shield.handover(dump.key, handover_at)
+            if shield is not None or daemon is not None:
+                if daemon is not None:
+                    totals = await daemon.scope_status()
+                    result.bytes_absorbed = totals["bytes_absorbed"]
+                    result.acks_sent = totals["acks_sent"]
+                    handover, handover_at = await daemon.thaw(run_dir / "handover")
+                else:
+                    assert shield is not None
+                    handover_at = time.monotonic()
+                    handover = shield.handover(dump.key, handover_at)
                 (run_dir / "absorbed.bin").write_bytes(handover.data)
                 result.bytes_handed_over = len(handover.data)
-                # The restored socket opens a window as large as the container's
-                # was at the dump, past the bytes handed over, so the peer can send
-                # at once. The edge never falls below the one the shield showed.
-                fresh_edge = seq_add(handover.rcv_nxt, dump.rcv_wnd)
-                if seq_lt(fresh_edge, handover.right_edge):
-                    fresh_edge = handover.right_edge
+                fresh_edge = restored_right_edge(
+                    handover,
+                    window_bytes=dump.rcv_wnd,
+                    rcvbuf_bytes=dump.rcvbuf,
+                    queued_bytes=len(dump.recv_queue) + len(handover.data),
+                )
                 request.update(
                     window_probe=False,
                     extra=str(run_dir / "absorbed.bin"),
@@ -289,6 +310,12 @@ async def run_scenario(
                 result.shield_counters = shield.totals()
             # iptables-restore takes milliseconds; in a thread, so the queue
             # reader keeps letting the peer's packets through meanwhile
+            if daemon is not None:
+                window = {
+                    "rcv_nxt": restored["rcv_nxt"],
+                    "right_edge": restored["right_edge"],
+                }
+                await daemon.call(command="release", restored={str(dump.key): window})
             await trio.to_thread.run_sync(rules.remove)
             if binding is not None:
                 binding.drain()
@@ -337,8 +364,37 @@ async def run_scenario(
                 capture.signal(signal.SIGINT)  # tcpdump flushes its file on SIGINT
                 await capture.stop(timeout=5)
     if capture is not None and (run_dir / "peer.pcap").exists():
-        _check_capture(result, run_dir / "peer.pcap", (ctr_addr, STREAM_PORT))
+        _check_capture(result, run_dir / "peer.pcap", (ctr_addr, config.port))
     return result
+
+
+class _DaemonClient:
+    """Control calls to a running daemon, made from a thread to keep trio free."""
+
+    def __init__(self, config: ScenarioConfig) -> None:
+        assert config.daemon_socket is not None
+        self.socket = config.daemon_socket
+        self.scope = config.daemon_scope
+
+    async def call(self, **request: Any) -> Any:
+        from .control import call
+
+        request["scope"] = self.scope
+        return await trio.to_thread.run_sync(call, self.socket, request)
+
+    async def scope_status(self) -> dict[str, Any]:
+        from .control import call
+
+        status = await trio.to_thread.run_sync(call, self.socket, {"command": "status"})
+        scope: dict[str, Any] = status["scopes"][self.scope]
+        return scope
+
+    async def thaw(self, folder: Path) -> tuple[FlowHandover, float]:
+        from .handover import load_handover
+
+        result = await self.call(command="thaw", out_dir=str(folder))
+        (path,) = result["handovers"]
+        return load_handover(Path(path))
 
 
 def _check_capture(

@@ -53,7 +53,7 @@ def netns_path(name: str) -> Path:
     Raises:
         ValueError: NAME contains characters other than letters, digits, ``_.-``.
     """
-    if not _NAME_RE.match(name) or name in (".", ".."):
+    if not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise ValueError(
             f"invalid network namespace name {name!r}: "
             "use 1-64 letters, digits, '_', '.' or '-'"

@@ -85,7 +85,7 @@ class Scope:
         if self.port is not None and not 1 <= self.port <= 65535:
             raise ValueError(f"invalid scope port {self.port}: use 1-65535 or None")
         for iface in (self.in_interface, self.out_interface):
-            if iface is not None and not _IFACE_RE.match(iface):
+            if iface is not None and not _IFACE_RE.fullmatch(iface):
                 raise ValueError(
                     f"invalid interface name {iface!r}: use at most 15 letters, "
                     "digits, '_', '.', '@' or '-', optionally ending in '+'"
@@ -132,7 +132,7 @@ def chain_name(tag: str) -> str:
             ``_`` and ``-``, or makes the name longer than 28 characters.
     """
     name = CHAIN_PREFIX + tag
-    if not _TAG_RE.match(tag) or len(name) > MAX_CHAIN_LEN:
+    if not _TAG_RE.fullmatch(tag) or len(name) > MAX_CHAIN_LEN:
         raise ValueError(
             f"invalid rule set tag {tag!r}: use 1-{MAX_CHAIN_LEN - len(CHAIN_PREFIX)} "
             "letters, digits, '_' or '-'"

@@ -434,7 +434,7 @@ def lab_up(
 
 
 def _check_id(lab_id: str) -> None:
-    if not _ID_RE.match(lab_id):
+    if not _ID_RE.fullmatch(lab_id):
         raise ValueError(f"invalid lab id {lab_id!r}: use 6 lowercase hex digits")
 
 
@@ -530,10 +530,10 @@ def lab_down_all() -> list[str]:
     ids: set[str] = set()
     if RECORD_DIR.is_dir():
         for path in RECORD_DIR.iterdir():
-            if path.suffix in (".json", ".tmp") and _ID_RE.match(path.stem):
+            if path.suffix in (".json", ".tmp") and _ID_RE.fullmatch(path.stem):
                 ids.add(path.stem)
     for name in _list_netns():
-        match = _LAB_NETNS_RE.match(name)
+        match = _LAB_NETNS_RE.fullmatch(name)
         if match is not None:
             ids.add(match.group(1))
     removed: list[str] = []

@@ -1,0 +1,379 @@
+"""The long-running shield: ``shieldproxy run --config FILE``.
+
+One daemon serves every scope of its configuration. A scope is idle until a
+``freeze`` request installs its NFQUEUE rules and hands the daemon snapshots
+of the scope's flows (socket dump files). ``thaw`` writes one hand-over file
+per flow for the restore, and ``release`` lets held packets through and
+removes the scope's rules.
+
+On SIGTERM or SIGINT with nothing frozen every rule goes. With a scope frozen,
+its rules switch to plain DROP before the daemon exits, so peers see silence
+and never a reset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .config import ScopeConfig, ShieldConfig
+from .control import ControlError, serve_control
+from .handover import save_handover
+from .kernel.netns import enter_netns
+from .kernel.nfqueue import QueueBinding, QueuedPacket
+from .kernel.rawsock import RawSender
+from .kernel.repair import SnapshotFileError, load_dump
+from .kernel.rules import RulesError, RuleSet, remove_leftover_chains
+from .shield import Shield
+from .tcp.flow import FlowState
+from .tcp.snapshot import FlowKey
+
+log = logging.getLogger(__name__)
+
+# Chains of the daemon are named SP-d-<scope tag>, so a restart can find and
+# remove the ones a crashed daemon left behind without touching other users.
+CHAIN_TAG_PREFIX = "d-"
+
+
+class ScopeState(enum.Enum):
+    IDLE = "idle"
+    FROZEN = "frozen"
+    HANDED_OVER = "handed-over"
+
+
+@dataclass
+class ScopeRuntime:
+    """A configured scope and what the daemon currently does with it."""
+
+    config: ScopeConfig
+    rules: RuleSet
+    state: ScopeState = ScopeState.IDLE
+    frozen_at: float | None = None
+    flows: set[FlowKey] = field(default_factory=set)
+
+
+def chain_tag(scope_name: str) -> str:
+    """Return the chain tag of a scope; long names are shortened with a hash."""
+    if len(scope_name) <= 20:
+        return CHAIN_TAG_PREFIX + scope_name
+    digest = hashlib.sha256(scope_name.encode()).hexdigest()[:8]
+    return f"{CHAIN_TAG_PREFIX}{scope_name[:11]}-{digest}"
+
+
+class Daemon:
+    """Scopes, the shield engine, and the handlers of control requests."""
+
+    def __init__(self, config: ShieldConfig) -> None:
+        self.config = config
+        self.scopes = {
+            scope.name: ScopeRuntime(
+                scope,
+                RuleSet(
+                    chain_tag(scope.name),
+                    config.rule_scopes(scope.name),
+                    (config.queues.first, config.queues.last),
+                    hook=config.hook,
+                    netns=config.netns,
+                ),
+            )
+            for scope in config.scopes
+        }
+        self.shield: Shield | None = None
+        self.bindings: list[QueueBinding] = []
+        self._sender: RawSender | None = None
+
+    # lifecycle
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until SIGTERM or SIGINT, then clean up and return."""
+        removed = remove_leftover_chains(
+            self.config.netns, tag_prefix="SP-" + CHAIN_TAG_PREFIX
+        )
+        if removed:
+            log.warning("removed rules left by an earlier run: %s", ", ".join(removed))
+        self._open_kernel_edges()
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with trio.open_nursery() as nursery:
+                    for binding in self.bindings:
+                        nursery.start_soon(binding.serve)
+                    assert self.shield is not None
+                    nursery.start_soon(self.shield.run_timers)
+                    nursery.start_soon(self._expire_freezes)
+                    control = self.config.control
+                    await nursery.start(
+                        serve_control, control.socket_path, control.socket_mode,
+                        self.handle,
+                    )  # fmt: skip
+                    log.info(
+                        "shieldproxy daemon started: mode %s, %d scopes, control "
+                        "socket %s",
+                        self.config.mode,
+                        len(self.scopes),
+                        control.socket_path,
+                    )
+                    task_status.started()
+                    async for signum in signals:
+                        log.info(
+                            "received %s, shutting down", signal.Signals(signum).name
+                        )
+                        nursery.cancel_scope.cancel()
+                        break
+        finally:
+            self.shutdown()
+
+    def _open_kernel_edges(self) -> None:
+        netns = self.config.netns
+        self._sender = None
+        try:
+            with enter_netns(netns) if netns else contextlib.nullcontext():
+                self._sender = RawSender()
+                self.shield = Shield(
+                    self._sender,
+                    limits=self.config.flow_limits(),
+                    trickle=self.config.trickle_policy(),
+                )
+                for queue in range(
+                    self.config.queues.first, self.config.queues.last + 1
+                ):
+                    self.bindings.append(QueueBinding(queue, self._handle_packet))
+        except BaseException:
+            self._close_kernel_edges()
+            raise
+
+    def _handle_packet(self, packet: QueuedPacket) -> None:
+        assert self.shield is not None
+        self.shield.handle_packet(packet, time.monotonic())
+
+    def _close_kernel_edges(self) -> None:
+        for binding in self.bindings:
+            binding.close()
+        self.bindings.clear()
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+
+    def shutdown(self) -> None:
+        """Remove idle scopes' rules; leave frozen scopes behind plain DROP."""
+        for runtime in self.scopes.values():
+            try:
+                if runtime.state is ScopeState.IDLE:
+                    runtime.rules.remove()
+                else:
+                    runtime.rules.switch("drop")
+                    log.warning(
+                        "scope %s is %s with %d flows: its peers' packets are "
+                        "dropped until 'shieldproxy release --force'",
+                        runtime.config.name,
+                        runtime.state.value,
+                        len(runtime.flows),
+                    )
+            except RulesError as exc:
+                log.error("cleaning up scope %s failed: %s", runtime.config.name, exc)
+        self._close_kernel_edges()
+        log.info("shieldproxy daemon stopped")
+
+    async def _expire_freezes(self) -> None:
+        limit = self.config.freeze.max_freeze_s
+        while True:
+            await trio.sleep(1.0)
+            now = time.monotonic()
+            for runtime in self.scopes.values():
+                if runtime.frozen_at is None or now - runtime.frozen_at < limit:
+                    continue
+                name = runtime.config.name
+                if self.config.freeze.on_expiry == "release":
+                    log.error("scope %s frozen past %.0f s: releasing it", name, limit)
+                    self.release(name, force=True)
+                elif runtime.rules.action != "drop":
+                    log.error(
+                        "scope %s frozen past %.0f s: dropping its peers' packets",
+                        name,
+                        limit,
+                    )
+                    self._stop_answering(runtime)
+                    runtime.rules.switch("drop")
+
+    # control requests
+
+    async def handle(self, request: dict[str, Any]) -> Any:
+        command = request["command"]
+        try:
+            if command == "status":
+                return self.status()
+            if command == "flows":
+                return self.flows(request.get("scope"))
+            if command == "freeze":
+                return self.freeze(_text(request, "scope"), request.get("dumps", []))
+            if command == "thaw":
+                return self.thaw(
+                    _text(request, "scope"), Path(_text(request, "out_dir"))
+                )
+            if command == "release":
+                return self.release(
+                    request.get("scope"),
+                    force=bool(request.get("force", False)),
+                    restored=request.get("restored", {}),
+                )
+        except (RulesError, SnapshotFileError, OSError, ValueError, KeyError) as exc:
+            log.error("%s request failed: %s", command, exc)
+            raise ControlError(f"{command} failed: {exc}") from None
+        raise ControlError(f"invalid request: unknown command {command!r}")
+
+    def _runtime(self, name: str) -> ScopeRuntime:
+        try:
+            return self.scopes[name]
+        except KeyError:
+            known = ", ".join(sorted(self.scopes))
+            raise ControlError(
+                f"scope {name!r} not found; configured: {known}"
+            ) from None
+
+    def freeze(self, name: str, dumps: list[str]) -> dict[str, Any]:
+        """Divert the scope's peers to the shield and start answering for DUMPS."""
+        runtime = self._runtime(name)
+        if runtime.state is ScopeState.HANDED_OVER:
+            raise ControlError(f"scope {name!r} is handed over; release it first")
+        if not isinstance(dumps, list) or not all(isinstance(d, str) for d in dumps):
+            raise ControlError("invalid request: 'dumps' must be a list of paths")
+        snapshots = [load_dump(Path(path)).flow_snapshot() for path in dumps]
+        if runtime.state is ScopeState.IDLE:
+            runtime.rules.install("queue")
+            runtime.state = ScopeState.FROZEN
+            runtime.frozen_at = time.monotonic()
+            log.info("froze scope %s", name)
+        assert self.shield is not None
+        for snapshot in snapshots:
+            if snapshot.key in runtime.flows:
+                continue
+            self.shield.add_flow(snapshot, time.monotonic())
+            runtime.flows.add(snapshot.key)
+        return {
+            "scope": name,
+            "state": runtime.state.value,
+            "flows": len(runtime.flows),
+        }
+
+    def thaw(self, name: str, out_dir: Path) -> dict[str, Any]:
+        """Hand every flow of the scope over and write one file pair per flow."""
+        runtime = self._runtime(name)
+        if runtime.state is not ScopeState.FROZEN:
+            raise ControlError(f"scope {name!r} is {runtime.state.value}, not frozen")
+        assert self.shield is not None
+        files = []
+        for key in sorted(runtime.flows):
+            now = time.monotonic()
+            handover = self.shield.handover(key, now)
+            files.append(str(save_handover(handover, out_dir, now)))
+        runtime.state = ScopeState.HANDED_OVER
+        log.info("handed over scope %s: %d flows to %s", name, len(files), out_dir)
+        return {"scope": name, "handovers": files}
+
+    def release(
+        self,
+        name: str | None,
+        *,
+        force: bool = False,
+        restored: dict[str, dict[str, int]] | None = None,
+    ) -> dict[str, Any]:
+        """Let held packets through and remove the rules of one or all scopes.
+
+        ``restored`` maps a flow (``str(FlowKey)``) to the restored socket's
+        ``rcv_nxt`` and ``right_edge``; the shield then announces that window.
+        """
+        names = [name] if name is not None else list(self.scopes)
+        released = []
+        for scope_name in names:
+            runtime = self._runtime(scope_name)
+            if runtime.state is ScopeState.FROZEN and not force:
+                raise ControlError(
+                    f"scope {scope_name!r} is frozen; thaw it first, or pass force "
+                    "to drop what it absorbed"
+                )
+            self._stop_answering(runtime, restored or {})
+            runtime.rules.remove()
+            runtime.state = ScopeState.IDLE
+            runtime.frozen_at = None
+            runtime.flows.clear()
+            released.append(scope_name)
+            log.info("released scope %s", scope_name)
+        return {"released": released}
+
+    def _stop_answering(
+        self, runtime: ScopeRuntime, restored: dict[str, dict[str, int]] | None = None
+    ) -> None:
+        assert self.shield is not None
+        now = time.monotonic()
+        for key in runtime.flows:
+            if key not in self.shield.flows:
+                continue
+            window = (restored or {}).get(str(key), {})
+            self.shield.release(
+                key,
+                now,
+                restored_rcv_nxt=window.get("rcv_nxt"),
+                restored_right_edge=window.get("right_edge"),
+            )
+
+    def status(self) -> dict[str, Any]:
+        """Return per scope: state, flows, bytes absorbed, ACKs sent, freeze age."""
+        assert self.shield is not None
+        now = time.monotonic()
+        scopes = {}
+        for name, runtime in self.scopes.items():
+            flows = [
+                self.shield.flows[k] for k in runtime.flows if k in self.shield.flows
+            ]
+            scopes[name] = {
+                "state": runtime.state.value,
+                "flows": len(runtime.flows),
+                "bytes_absorbed": sum(f.stats.bytes_absorbed for f in flows),
+                "acks_sent": sum(f.stats.acks_sent for f in flows),
+                "frozen_for_s": (
+                    None
+                    if runtime.frozen_at is None
+                    else round(now - runtime.frozen_at, 3)
+                ),
+            }
+        return {"mode": self.config.mode, "scopes": scopes}
+
+    def flows(self, scope: str | None) -> list[dict[str, Any]]:
+        """Return one entry per shielded flow, with its counters."""
+        assert self.shield is not None
+        names = [scope] if scope is not None else list(self.scopes)
+        result = []
+        for name in names:
+            runtime = self._runtime(name)
+            for key in sorted(runtime.flows):
+                flow = self.shield.flows.get(key)
+                entry: dict[str, Any] = {"scope": name, "flow": str(key)}
+                if flow is not None:
+                    entry.update(
+                        state=flow.state.value,
+                        rcv_nxt=flow.rcv_nxt,
+                        right_edge=flow.right_edge,
+                        buffered_bytes=flow.buffered_bytes,
+                        **flow.stats.as_dict(),
+                    )
+                else:
+                    entry["state"] = FlowState.HANDED_OVER.value
+                result.append(entry)
+        return result
+
+
+def _text(request: dict[str, Any], name: str) -> str:
+    value = request.get(name)
+    if not isinstance(value, str) or not value:
+        raise ControlError(f"invalid request: {name!r} must be a non-empty string")
+    return value
