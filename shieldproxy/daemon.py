@@ -7,13 +7,15 @@ per flow for the restore, and ``release`` lets held packets through and
 removes the scope's rules.
 
 On SIGTERM or SIGINT with nothing frozen every rule goes. With a scope frozen,
-its rules switch to plain DROP before the daemon exits, so peers see silence
-and never a reset.
+its flows are saved to the state directory and its rules switch to plain DROP
+before the daemon exits, so peers see silence and never a reset. The next start
+adopts those rules, reads the flows back and answers again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import logging
@@ -34,8 +36,17 @@ from .kernel.rawsock import RawSender
 from .kernel.repair import SnapshotFileError, load_dump
 from .kernel.rules import RulesError, RuleSet, remove_leftover_chains
 from .shield import Shield
-from .tcp.flow import FlowState
-from .tcp.snapshot import FlowKey
+from .state import (
+    StateFileError,
+    continuation,
+    load_scope,
+    remove_scope,
+    save_flow,
+    save_scope,
+    scope_folder,
+)
+from .tcp.flow import FlowHandover, FlowState
+from .tcp.snapshot import FlowKey, FlowSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +70,10 @@ class ScopeRuntime:
     state: ScopeState = ScopeState.IDLE
     frozen_at: float | None = None
     flows: set[FlowKey] = field(default_factory=set)
+    snapshots: dict[FlowKey, FlowSnapshot] = field(default_factory=dict)
+    """Original snapshot of each flow, kept to save it on shutdown."""
+    carried: dict[FlowKey, tuple[int, bytes]] = field(default_factory=dict)
+    """Start sequence number and bytes a previous process acknowledged."""
 
 
 def chain_tag(scope_name: str) -> str:
@@ -97,12 +112,16 @@ class Daemon:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until SIGTERM or SIGINT, then clean up and return."""
+        saved = self._saved_scopes()
+        keep = [self.scopes[name].rules.chain for name in saved]
         removed = remove_leftover_chains(
-            self.config.netns, tag_prefix="SP-" + CHAIN_TAG_PREFIX
+            self.config.netns, tag_prefix="SP-" + CHAIN_TAG_PREFIX, keep=keep
         )
         if removed:
             log.warning("removed rules left by an earlier run: %s", ", ".join(removed))
         self._open_kernel_edges()
+        for name, (frozen_for_s, flows) in saved.items():
+            self._resume_scope(name, frozen_for_s, flows)
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as nursery:
@@ -164,14 +183,87 @@ class Daemon:
             self._sender.close()
             self._sender = None
 
+    def _saved_scopes(
+        self,
+    ) -> dict[str, tuple[float, list[tuple[FlowSnapshot, FlowHandover, float]]]]:
+        saved = {}
+        for name in self.scopes:
+            folder = scope_folder(self.config.state_dir, name)
+            try:
+                loaded = load_scope(folder)
+            except StateFileError as exc:
+                log.error("ignoring saved scope %s: %s", name, exc)
+                continue
+            if loaded is not None:
+                saved[name] = loaded
+        return saved
+
+    def _resume_scope(
+        self,
+        name: str,
+        frozen_for_s: float,
+        flows: list[tuple[FlowSnapshot, FlowHandover, float]],
+    ) -> None:
+        """Answer again for a scope an earlier process left frozen."""
+        runtime = self.scopes[name]
+        runtime.rules.adopt("drop")
+        runtime.rules.switch("queue")
+        runtime.state = ScopeState.FROZEN
+        runtime.frozen_at = time.monotonic() - frozen_for_s
+        assert self.shield is not None
+        for snapshot, handover, taken_at in flows:
+            self.shield.add_flow(continuation(snapshot, handover, taken_at), taken_at)
+            runtime.flows.add(snapshot.key)
+            runtime.snapshots[snapshot.key] = snapshot
+            runtime.carried[snapshot.key] = (handover.start_seq, handover.data)
+        log.info(
+            "resumed frozen scope %s with %d flows saved by an earlier run",
+            name,
+            len(flows),
+        )
+
+    def _handover(
+        self, runtime: ScopeRuntime, key: FlowKey, now: float
+    ) -> FlowHandover:
+        """Hand a flow over, including what an earlier process acknowledged."""
+        assert self.shield is not None
+        handover = self.shield.handover(key, now)
+        carried = runtime.carried.get(key)
+        if carried is None:
+            return handover
+        start_seq, data = carried
+        return dataclasses.replace(
+            handover, start_seq=start_seq, data=data + handover.data
+        )
+
+    def _save_frozen(self, runtime: ScopeRuntime) -> None:
+        folder = scope_folder(self.config.state_dir, runtime.config.name)
+        remove_scope(folder)
+        now = time.monotonic()
+        for key in sorted(runtime.flows):
+            snapshot = runtime.snapshots.get(key)
+            if snapshot is None:
+                continue
+            save_flow(folder, snapshot, self._handover(runtime, key, now), now)
+        frozen_for = 0.0 if runtime.frozen_at is None else now - runtime.frozen_at
+        save_scope(folder, frozen_for)
+        log.warning(
+            "saved frozen scope %s with %d flows to %s", runtime.config.name,
+            len(runtime.flows), folder,
+        )  # fmt: skip
+
     def shutdown(self) -> None:
-        """Remove idle scopes' rules; leave frozen scopes behind plain DROP."""
+        """Remove idle scopes' rules; save frozen scopes and leave plain DROP."""
         for runtime in self.scopes.values():
             try:
                 if runtime.state is ScopeState.IDLE:
                     runtime.rules.remove()
                 else:
+                    # drop first: from here on nothing answers, and nothing
+                    # reaches a container that has no socket
                     runtime.rules.switch("drop")
+                    if runtime.state is ScopeState.FROZEN:
+                        self._save_frozen(runtime)
                     log.warning(
                         "scope %s is %s with %d flows: its peers' packets are "
                         "dropped until 'shieldproxy release --force'",
@@ -179,7 +271,7 @@ class Daemon:
                         runtime.state.value,
                         len(runtime.flows),
                     )
-            except RulesError as exc:
+            except (RulesError, OSError) as exc:
                 log.error("cleaning up scope %s failed: %s", runtime.config.name, exc)
         self._close_kernel_edges()
         log.info("shieldproxy daemon stopped")
@@ -259,6 +351,7 @@ class Daemon:
                 continue
             self.shield.add_flow(snapshot, time.monotonic())
             runtime.flows.add(snapshot.key)
+            runtime.snapshots[snapshot.key] = snapshot
         return {
             "scope": name,
             "state": runtime.state.value,
@@ -274,7 +367,7 @@ class Daemon:
         files = []
         for key in sorted(runtime.flows):
             now = time.monotonic()
-            handover = self.shield.handover(key, now)
+            handover = self._handover(runtime, key, now)
             files.append(str(save_handover(handover, out_dir, now)))
         runtime.state = ScopeState.HANDED_OVER
         log.info("handed over scope %s: %d flows to %s", name, len(files), out_dir)
@@ -306,6 +399,9 @@ class Daemon:
             runtime.state = ScopeState.IDLE
             runtime.frozen_at = None
             runtime.flows.clear()
+            runtime.snapshots.clear()
+            runtime.carried.clear()
+            remove_scope(scope_folder(self.config.state_dir, scope_name))
             released.append(scope_name)
             log.info("released scope %s", scope_name)
         return {"released": released}

@@ -81,6 +81,8 @@ class ScenarioConfig:
     """Control socket of a running daemon to shield with, instead of in-process."""
     daemon_scope: str = ""
     """Daemon scope that covers the flow, when ``daemon_socket`` is set."""
+    mid_freeze: Callable[[], Awaitable[None]] | None = None
+    """Called once halfway through the freeze, for tests that disturb it."""
 
 
 @dataclass
@@ -245,7 +247,12 @@ async def run_scenario(
                 _python_module("shieldproxy.lab.stream_server", "restore"),
                 stdin=True,
             )
+            mid_freeze = config.mid_freeze
             while (elapsed := time.monotonic() - frozen_at) < config.freeze_s:
+                if mid_freeze is not None and elapsed >= config.freeze_s / 2:
+                    await mid_freeze()
+                    mid_freeze = None
+                    continue
                 if progress is not None:
                     totals = shield.totals() if shield else {}
                     if daemon is not None:

@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import re
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
@@ -250,9 +250,13 @@ def _netns_exists(netns: str | None) -> bool:
 
 
 def remove_leftover_chains(
-    netns: str | None, tag_prefix: str = CHAIN_PREFIX
+    netns: str | None,
+    tag_prefix: str = CHAIN_PREFIX,
+    keep: Collection[str] = (),
 ) -> list[str]:
     """Delete every filter chain whose name starts with TAG_PREFIX, and its jumps.
+
+    Chains named in KEEP stay, for rule sets a restarted process adopts.
 
     Meant for cleanup after a crash, so it also removes chains of other rule sets,
     including those of another shield still running in the same namespace.
@@ -269,7 +273,9 @@ def remove_leftover_chains(
     families: tuple[Family, ...] = (4, 6)
     for family in families:
         text = save(netns, family)
-        chains = [c for c in _chains_in(text) if c.startswith(tag_prefix)]
+        chains = [
+            c for c in _chains_in(text) if c.startswith(tag_prefix) and c not in keep
+        ]
         script = _removal_script(text, chains)
         if script is None:
             continue
@@ -333,6 +339,17 @@ class RuleSet:
             f for f in (4, 6) if any(s.family == f for s in self.scopes)
         )
         self._action: Action | None = None
+
+    def adopt(self, action: Action) -> None:
+        """Take over this rule set's chain as an earlier process left it.
+
+        Nothing changes in the kernel; afterwards :meth:`switch` and
+        :meth:`remove` work as if this object had installed the chain.
+        """
+        self._action = action
+        log.info(
+            "adopted rules %s in %s: action %s", self.chain, _where(self.netns), action
+        )
 
     @property
     def action(self) -> Action | None:

@@ -50,7 +50,11 @@ class RunningDaemon:
         self.socket = tmp_path / "control.sock"
         self.config = tmp_path / "shield.yaml"
         write_config(self.config, created, self.socket, tmp_path / "state")
-        self.log = (tmp_path / "daemon.log").open("w")
+        self.log_path = tmp_path / "daemon.log"
+        self.start()
+
+    def start(self):
+        self.log = self.log_path.open("a")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "shieldproxy", "run", "--config", str(self.config)],
             stdout=self.log,
@@ -65,8 +69,7 @@ class RunningDaemon:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise AssertionError(
-                        "daemon did not start: "
-                        + (tmp_path / "daemon.log").read_text()[-2000:]
+                        "daemon did not start: " + self.log_path.read_text()[-2000:]
                     ) from None
                 time.sleep(0.1)
 
@@ -201,4 +204,41 @@ def test_sigterm_frozen_leaves_drop_rules(daemon_lab):
         timeout=30,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
+    assert shield_chains(created) == []
+
+
+def test_restart_during_freeze_loses_nothing(daemon_lab, tmp_path):
+    created, daemon = daemon_lab
+    drop_rules_between = []
+
+    def restart():
+        assert daemon.stop() == 0
+        text = save(created.gw_ns, 4)
+        drop_rules_between.append("NFQUEUE" not in text and "-j DROP" in text)
+        daemon.start()
+
+    async def restart_in_thread():
+        await trio.to_thread.run_sync(restart)
+
+    config = ScenarioConfig(
+        shielded=True,
+        freeze_s=6.0,
+        port=FROZEN_PORT,
+        receiver_rcvbuf_bytes=2 * 1024 * 1024,
+        daemon_socket=daemon.socket,
+        daemon_scope="frozen",
+        mid_freeze=restart_in_thread,
+    )
+    result = trio.run(run_scenario, created, config, tmp_path / "run")
+    assert drop_rules_between == [True]
+    assert result.error is None
+    assert result.integrity == "ok"
+    assert result.bytes_received == result.bytes_sent
+    # the hand-over carries what the first daemon absorbed, too
+    assert result.bytes_handed_over >= result.bytes_absorbed
+    assert result.bytes_handed_over > 0
+    assert result.peer_counters["TcpExtTCPAbortOnTimeout"] == 0
+    assert result.max_right_edge_retraction == 0
+    assert "resumed frozen scope frozen with 1 flows" in daemon.log_path.read_text()
+    assert not (tmp_path / "state" / "frozen").exists()
     assert shield_chains(created) == []
