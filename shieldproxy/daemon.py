@@ -35,6 +35,7 @@ from .kernel.nfqueue import QueueBinding, QueuedPacket
 from .kernel.rawsock import RawSender
 from .kernel.repair import SnapshotFileError, load_dump
 from .kernel.rules import RulesError, RuleSet, remove_leftover_chains
+from .metrics import ShieldMetrics
 from .shield import Shield
 from .state import (
     StateFileError,
@@ -74,6 +75,7 @@ class ScopeRuntime:
     """Original snapshot of each flow, kept to save it on shutdown."""
     carried: dict[FlowKey, tuple[int, bytes]] = field(default_factory=dict)
     """Start sequence number and bytes a previous process acknowledged."""
+    handed_over_bytes: dict[FlowKey, int] = field(default_factory=dict)
 
 
 def chain_tag(scope_name: str) -> str:
@@ -103,6 +105,7 @@ class Daemon:
             for scope in config.scopes
         }
         self.shield: Shield | None = None
+        self.metrics = ShieldMetrics()
         self.bindings: list[QueueBinding] = []
         self._sender: RawSender | None = None
 
@@ -122,6 +125,11 @@ class Daemon:
         self._open_kernel_edges()
         for name, (frozen_for_s, flows) in saved.items():
             self._resume_scope(name, frozen_for_s, flows)
+        endpoint = self.config.metrics.endpoint()
+        if endpoint is not None:
+            # bound from the daemon's own namespace: Prometheus scrapes the host
+            self.metrics.start_http(endpoint)
+            log.info("serving metrics on %s", self.config.metrics.address)
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as nursery:
@@ -130,6 +138,7 @@ class Daemon:
                     assert self.shield is not None
                     nursery.start_soon(self.shield.run_timers)
                     nursery.start_soon(self._expire_freezes)
+                    nursery.start_soon(self._sample_metrics_forever)
                     control = self.config.control
                     await nursery.start(
                         serve_control, control.socket_path, control.socket_mode,
@@ -170,6 +179,20 @@ class Daemon:
         except BaseException:
             self._close_kernel_edges()
             raise
+
+    def _sample_metrics(self) -> None:
+        assert self.shield is not None
+        flows = self.shield.flows
+        scopes = {
+            name: (runtime.state.value, [flows[k] for k in runtime.flows if k in flows])
+            for name, runtime in self.scopes.items()
+        }
+        self.metrics.sample(scopes, self.shield.counters.dropped)
+
+    async def _sample_metrics_forever(self) -> None:
+        while True:
+            self._sample_metrics()
+            await trio.sleep(1.0)
 
     def _handle_packet(self, packet: QueuedPacket) -> None:
         assert self.shield is not None
@@ -274,6 +297,7 @@ class Daemon:
             except (RulesError, OSError) as exc:
                 log.error("cleaning up scope %s failed: %s", runtime.config.name, exc)
         self._close_kernel_edges()
+        self.metrics.close()
         log.info("shieldproxy daemon stopped")
 
     async def _expire_freezes(self) -> None:
@@ -352,6 +376,7 @@ class Daemon:
             self.shield.add_flow(snapshot, time.monotonic())
             runtime.flows.add(snapshot.key)
             runtime.snapshots[snapshot.key] = snapshot
+        self._sample_metrics()
         return {
             "scope": name,
             "state": runtime.state.value,
@@ -368,8 +393,10 @@ class Daemon:
         for key in sorted(runtime.flows):
             now = time.monotonic()
             handover = self._handover(runtime, key, now)
+            runtime.handed_over_bytes[key] = len(handover.data)
             files.append(str(save_handover(handover, out_dir, now)))
         runtime.state = ScopeState.HANDED_OVER
+        self._sample_metrics()
         log.info("handed over scope %s: %d flows to %s", name, len(files), out_dir)
         return {"scope": name, "handovers": files}
 
@@ -396,14 +423,19 @@ class Daemon:
                 )
             self._stop_answering(runtime, restored or {})
             runtime.rules.remove()
+            if runtime.frozen_at is not None:
+                frozen_for = time.monotonic() - runtime.frozen_at
+                self.metrics.freeze_ended(scope_name, frozen_for)
             runtime.state = ScopeState.IDLE
             runtime.frozen_at = None
+            runtime.handed_over_bytes.clear()
             runtime.flows.clear()
             runtime.snapshots.clear()
             runtime.carried.clear()
             remove_scope(scope_folder(self.config.state_dir, scope_name))
             released.append(scope_name)
             log.info("released scope %s", scope_name)
+        self._sample_metrics()
         return {"released": released}
 
     def _stop_answering(
@@ -415,12 +447,15 @@ class Daemon:
             if key not in self.shield.flows:
                 continue
             window = (restored or {}).get(str(key), {})
+            flow = self.shield.flows[key]
             self.shield.release(
                 key,
                 now,
                 restored_rcv_nxt=window.get("rcv_nxt"),
                 restored_right_edge=window.get("right_edge"),
             )
+            handed_over = runtime.handed_over_bytes.get(key, 0)
+            self.metrics.flow_released(runtime.config.name, flow.stats, handed_over)
 
     def status(self) -> dict[str, Any]:
         """Return per scope: state, flows, bytes absorbed, ACKs sent, freeze age."""

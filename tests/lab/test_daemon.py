@@ -2,12 +2,15 @@
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from shieldproxy.control import ControlError, call
 from shieldproxy.demo import ScenarioConfig, run_scenario
@@ -20,7 +23,13 @@ FROZEN_PORT = 5001
 RUNNING_PORT = 5002
 
 
-def write_config(path, created, socket_path, state_dir):
+def free_loopback_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_config(path, created, socket_path, state_dir, metrics_port):
     config = {
         "mode": "gateway",
         "netns": created.gw_ns,
@@ -32,6 +41,7 @@ def write_config(path, created, socket_path, state_dir):
         "control": {"socket_path": str(socket_path)},
         "state_dir": str(state_dir),
         "logging": {"level": "INFO"},
+        "metrics": {"address": f"127.0.0.1:{metrics_port}"},
     }
     path.write_text(json.dumps(config))  # JSON is valid YAML
 
@@ -49,7 +59,10 @@ class RunningDaemon:
     def __init__(self, created, tmp_path):
         self.socket = tmp_path / "control.sock"
         self.config = tmp_path / "shield.yaml"
-        write_config(self.config, created, self.socket, tmp_path / "state")
+        self.metrics_port = free_loopback_port()
+        write_config(
+            self.config, created, self.socket, tmp_path / "state", self.metrics_port
+        )
         self.log_path = tmp_path / "daemon.log"
         self.start()
 
@@ -72,6 +85,17 @@ class RunningDaemon:
                         "daemon did not start: " + self.log_path.read_text()[-2000:]
                     ) from None
                 time.sleep(0.1)
+
+    def scrape(self):
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}"] = sample.value
+        return samples
 
     def cli(self, *args):
         return subprocess.run(
@@ -169,6 +193,14 @@ def test_daemon_shields_one_scope_and_leaves_other(daemon_lab, tmp_path):
     running = results["running"]
     assert running.error is None
     assert running.integrity == "ok"
+    metrics = daemon.scrape()
+    absorbed = metrics["shieldproxy_absorbed_bytes_total{scope=frozen}"]
+    assert absorbed == shielded.bytes_absorbed
+    handed_over = metrics["shieldproxy_handed_over_bytes_total{scope=frozen}"]
+    assert handed_over == shielded.bytes_handed_over
+    assert metrics["shieldproxy_freeze_duration_seconds_count{scope=frozen}"] == 1
+    assert metrics["shieldproxy_scope_frozen{scope=frozen}"] == 0
+    assert metrics["shieldproxy_absorbed_bytes_total{scope=running}"] == 0
     status = json.loads(daemon.cli("status").stdout)
     assert status["scopes"]["frozen"]["state"] == "idle"
     assert status["scopes"]["running"]["state"] == "idle"
