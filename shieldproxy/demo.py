@@ -32,7 +32,7 @@ from .kernel.netns import enter_netns, netns_command, run_in_netns
 from .kernel.nfqueue import QueueBinding, QueuedPacket
 from .kernel.rawsock import RawSender
 from .kernel.repair import dump_socket, save_dump, take_socket
-from .kernel.rules import RuleSet, Scope
+from .kernel.rules import Action, RuleSet, Scope
 from .lab.children import Child
 from .lab.topology import Lab
 from .shield import Shield
@@ -104,6 +104,8 @@ class ScenarioResult:
     container_counters: dict[str, int] = field(default_factory=dict)
     max_right_edge_retraction: int | None = None
     capture_violations: int | None = None
+    ack_regressions: int | None = None
+    tsval_regressions: int | None = None
     shield_counters: dict[str, int] = field(default_factory=dict)
     error: str | None = None
 
@@ -297,39 +299,48 @@ async def run_scenario(
             restored = await restored_server.wait_for("restored", 20)
 
             # The shield announces the restored window while the socket is
-            # still in repair mode. Every segment the kernel sends later shows
-            # that edge or a larger one, so nothing the peer sees moves left.
-            # Then the rules go, as CRIU unlocks the network before switching
-            # repair off: the kernel's first ACKs must not meet the rule that
-            # drops the container's packets. Repair goes off without the
-            # kernel's window probe, because a Linux peer drops that probe as
-            # old (its sequence number is snd_una - 1).
+            # still in repair mode, so every segment the kernel sends later
+            # shows that edge or a larger one. The rules stop dropping the
+            # container's packets, as CRIU unlocks the network before switching
+            # repair off. Repair goes off without the kernel's window probe,
+            # because a Linux peer drops that probe as old (its sequence number
+            # is snd_una - 1). Only then do the held packets go through: data
+            # that reached the socket in repair mode was not acknowledged until
+            # the peer retransmitted it.
+            window = {
+                "rcv_nxt": restored["rcv_nxt"],
+                "right_edge": restored["right_edge"],
+            }
             if shield is not None:
                 flow_stats = shield.flows[dump.key].stats
                 result.bytes_absorbed = flow_stats.bytes_absorbed
                 result.acks_sent = flow_stats.acks_sent
-                shield.release(
+                shield.announce(
                     dump.key,
                     time.monotonic(),
-                    restored_rcv_nxt=restored["rcv_nxt"],
-                    restored_right_edge=restored["right_edge"],
+                    restored_rcv_nxt=window["rcv_nxt"],
+                    restored_right_edge=window["right_edge"],
                 )
+            if daemon is None:
+                action: Action = "queue-in" if shield is not None else "drop"
+                await trio.to_thread.run_sync(rules.switch, action)
+            else:
+                # NOTE: the daemon's release announces the window, lets held
+                # packets through and removes its rules at once, before repair
+                # goes off, as CRIU's hooks would drive it.
+                await daemon.call(command="release", restored={str(dump.key): window})
+            await restored_server.send_line("go")
+            resumed = await restored_server.wait_for("resumed", 10)
+            if shield is not None:
+                shield.release(dump.key, time.monotonic())
                 result.shield_counters = shield.totals()
             # iptables-restore takes milliseconds; in a thread, so the queue
             # reader keeps letting the peer's packets through meanwhile
-            if daemon is not None:
-                window = {
-                    "rcv_nxt": restored["rcv_nxt"],
-                    "right_edge": restored["right_edge"],
-                }
-                await daemon.call(command="release", restored={str(dump.key): window})
             await trio.to_thread.run_sync(rules.remove)
             if binding is not None:
                 binding.drain()
                 binding.close()
                 binding = None
-            await restored_server.send_line("go")
-            resumed = await restored_server.wait_for("resumed", 10)
 
             outcome = await _wait_outcome(restored_server, client, config)
             first_new = restored_server.last("first-new-byte")
@@ -418,6 +429,8 @@ def _check_capture(
         (d.max_right_edge_retraction for d in report.directions), default=0
     )
     result.capture_violations = report.violation_count
+    result.ack_regressions = sum(d.ack_regressions for d in report.directions)
+    result.tsval_regressions = sum(d.tsval_regressions for d in report.directions)
 
 
 def _handler(shield: Shield) -> Callable[[QueuedPacket], None]:

@@ -73,6 +73,7 @@ class Shield:
         self._held: dict[FlowKey, list[QueuedPacket]] = {}
         # released flows whose packets may still be queued until the rules go
         self._passthrough: set[FlowKey] = set()
+        self._announced: set[FlowKey] = set()
         self._held_total = 0
 
     # flow lifecycle
@@ -112,6 +113,28 @@ class Shield:
         )
         return handover
 
+    def announce(
+        self,
+        key: FlowKey,
+        now: float,
+        *,
+        restored_rcv_nxt: int,
+        restored_right_edge: int,
+    ) -> None:
+        """Send the restored socket's window to the peer, still holding packets.
+
+        Held packets should reach the restored socket only once repair mode is
+        off, because Linux did not acknowledge data that arrived in repair mode
+        until the peer retransmitted it (seen with kernel 6.18).
+        """
+        flow = self._flow(key)
+        self._send(
+            flow.release_update(
+                now, rcv_nxt=restored_rcv_nxt, right_edge=restored_right_edge
+            )
+        )
+        self._announced.add(key)
+
     def release(
         self,
         key: FlowKey,
@@ -130,7 +153,9 @@ class Shield:
         """
         flow = self.flows.pop(key, None)
         self._passthrough.add(key)
-        if flow is not None and restored_rcv_nxt is not None:
+        announced = key in self._announced
+        self._announced.discard(key)
+        if flow is not None and restored_rcv_nxt is not None and not announced:
             edge = restored_right_edge
             self._send(
                 flow.release_update(

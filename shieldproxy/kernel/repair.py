@@ -717,7 +717,11 @@ def _restore_into(
     if dump.timestamps_ok:
         clock = dump.tsval if tsval is None else tsval
         # The kernel stores clock - now as the socket's offset, so TSval continues
-        # from ``clock``.
+        # from ``clock``. Since Linux 6.7 the lowest bit of the value selects
+        # microsecond timestamps (it reads back set for such sockets), so it is
+        # taken from the dump: an odd millisecond clock would switch the restored
+        # socket to microseconds, and its TSval would run 1000 times too fast.
+        clock = (clock & ~1) | (dump.tsval & 1)
         _set_tcp_int(sock, TCP_TIMESTAMP, clock & 0xFFFFFFFF, "set TCP_TIMESTAMP", flow)
 
     _write_receive_queue(sock, dump, dump.recv_queue + extra_receive)

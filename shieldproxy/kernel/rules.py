@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 Family = Literal[4, 6]
 Hook = Literal["FORWARD", "INPUT"]
-Action = Literal["queue", "drop"]
+# "queue" and "drop" also drop the container's own packets to its peers, as
+# CRIU's lock does. "queue-in" queues the peers' packets but lets the container's
+# out, for the moment a restored socket starts answering for itself.
+Action = Literal["queue", "drop", "queue-in"]
 
 # Packets with this mark bypass the shield's chain. The shield's own raw-socket
 # segments carry it, and CRIU's network lock lets the same mark through.
@@ -374,6 +377,8 @@ class RuleSet:
         for scope in self.scopes:
             if scope.family == family:
                 lines.append(f"-A {self.chain} {scope.match_args()} {target}")
+                if action == "queue-in":
+                    continue
                 # While frozen the container's own packets are dropped, as CRIU's
                 # lock does. A socket in repair mode still sends delayed ACKs,
                 # and one sent after the dump can show a larger right edge than

@@ -263,6 +263,30 @@ def test_timestamp_continues_from_tsval(track: Closer) -> None:
 
 @pytest.mark.lab
 @needs_root
+def test_odd_tsval_keeps_millisecond_clock(track: Closer) -> None:
+    container, peer = connected_pair(track, socket.AF_INET)
+    dump = repair.dump_socket(container)
+    container.close()
+    # an odd value would select microsecond timestamps on Linux 6.7 and later
+    clock = (dump.tsval + 1001) & 0xFFFFFFFF
+    restored = track(repair.restore_socket(dump, tsval=clock))
+    repair.finish_restore(restored)
+
+    def read_clock() -> int:
+        raw = restored.getsockopt(socket.IPPROTO_TCP, repair.TCP_TIMESTAMP, 4)
+        value: int = struct.unpack("=I", raw)[0]
+        return value
+
+    before = read_clock()
+    time.sleep(0.2)
+    after = read_clock()
+    assert before & 1 == dump.tsval & 1
+    # 200 ms later a millisecond clock moved about 200, a microsecond one 200000
+    assert 150 <= seq_diff(after, before) <= 1000
+
+
+@pytest.mark.lab
+@needs_root
 def test_dump_rejects_close_wait(track: Closer) -> None:
     container, peer = connected_pair(track, socket.AF_INET)
     peer.shutdown(socket.SHUT_WR)
