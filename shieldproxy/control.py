@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 MAX_REQUEST_BYTES = 1024 * 1024
-COMMANDS = ("status", "flows", "freeze", "thaw", "release")
+COMMANDS = ("status", "flows", "freeze", "thaw", "announce", "release")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 

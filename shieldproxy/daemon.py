@@ -336,6 +336,10 @@ class Daemon:
                 return self.thaw(
                     _text(request, "scope"), Path(_text(request, "out_dir"))
                 )
+            if command == "announce":
+                return self.announce(
+                    _text(request, "scope"), request.get("restored", {})
+                )
             if command == "release":
                 return self.release(
                     request.get("scope"),
@@ -399,6 +403,42 @@ class Daemon:
         self._sample_metrics()
         log.info("handed over scope %s: %d flows to %s", name, len(files), out_dir)
         return {"scope": name, "handovers": files}
+
+    def announce(
+        self, name: str, restored: dict[str, dict[str, int]]
+    ) -> dict[str, Any]:
+        """Send the restored sockets' windows while still holding the peers' packets.
+
+        Call it once the sockets are restored but still in repair mode (CRIU's
+        post-restore stage), then ``release`` once repair is off: Linux did not
+        acknowledge data that reached a socket in repair mode until the peer
+        retransmitted it. The container's own packets pass from here on.
+        """
+        runtime = self._runtime(name)
+        if runtime.state is not ScopeState.HANDED_OVER:
+            raise ControlError(
+                f"scope {name!r} is {runtime.state.value}, not handed over"
+            )
+        if not isinstance(restored, dict):
+            raise ControlError("invalid request: 'restored' must map flows to windows")
+        assert self.shield is not None
+        announced = []
+        for key in sorted(runtime.flows):
+            window = restored.get(str(key))
+            if key not in self.shield.flows or not isinstance(window, dict):
+                continue
+            self.shield.announce(
+                key,
+                time.monotonic(),
+                restored_rcv_nxt=int(window["rcv_nxt"]),
+                restored_right_edge=int(window["right_edge"]),
+            )
+            announced.append(str(key))
+        runtime.rules.switch("queue-in")
+        log.info(
+            "announced restored windows of scope %s: %d flows", name, len(announced)
+        )
+        return {"scope": name, "announced": announced}
 
     def release(
         self,

@@ -325,12 +325,11 @@ async def run_scenario(
                 action: Action = "queue-in" if shield is not None else "drop"
                 await trio.to_thread.run_sync(rules.switch, action)
             else:
-                # NOTE: the daemon's release announces the window, lets held
-                # packets through and removes its rules at once, before repair
-                # goes off, as CRIU's hooks would drive it.
-                await daemon.call(command="release", restored={str(dump.key): window})
+                await daemon.call(command="announce", restored={str(dump.key): window})
             await restored_server.send_line("go")
             resumed = await restored_server.wait_for("resumed", 10)
+            if daemon is not None:
+                await daemon.call(command="release")
             if shield is not None:
                 shield.release(dump.key, time.monotonic())
                 result.shield_counters = shield.totals()
