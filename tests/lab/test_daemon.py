@@ -29,10 +29,10 @@ def free_loopback_port():
         return probe.getsockname()[1]
 
 
-def write_config(path, created, socket_path, state_dir, metrics_port):
+def write_config(path, created, socket_path, state_dir, metrics_port, mode):
     config = {
-        "mode": "gateway",
-        "netns": created.gw_ns,
+        "mode": mode,
+        "netns": created.gw_ns if mode == "gateway" else created.ctr_ns,
         "scopes": [
             {"name": "frozen", "addresses": [created.ctr_v4], "ports": [FROZEN_PORT]},
             {"name": "running", "addresses": [created.ctr_v4], "ports": [RUNNING_PORT]},
@@ -56,12 +56,17 @@ def shield_chains(created):
 
 
 class RunningDaemon:
-    def __init__(self, created, tmp_path):
+    def __init__(self, created, tmp_path, mode="gateway"):
         self.socket = tmp_path / "control.sock"
         self.config = tmp_path / "shield.yaml"
         self.metrics_port = free_loopback_port()
         write_config(
-            self.config, created, self.socket, tmp_path / "state", self.metrics_port
+            self.config,
+            created,
+            self.socket,
+            tmp_path / "state",
+            self.metrics_port,
+            mode,
         )
         self.log_path = tmp_path / "daemon.log"
         self.start()
@@ -274,3 +279,42 @@ def test_restart_during_freeze_loses_nothing(daemon_lab, tmp_path):
     assert "resumed frozen scope frozen with 1 flows" in daemon.log_path.read_text()
     assert not (tmp_path / "state" / "frozen").exists()
     assert shield_chains(created) == []
+
+
+def test_sidecar_shields_in_container_namespace(tmp_path):
+    with lab() as created:
+        daemon = RunningDaemon(created, tmp_path, mode="sidecar")
+        rules_during = []
+
+        async def look_at_rules():
+            rules_during.append(save(created.ctr_ns, 4))
+            rules_during.append(save(created.gw_ns, 4))
+
+        try:
+            config = ScenarioConfig(
+                shielded=True,
+                freeze_s=4.0,
+                port=FROZEN_PORT,
+                receiver_rcvbuf_bytes=2 * 1024 * 1024,
+                daemon_socket=daemon.socket,
+                daemon_scope="frozen",
+                mid_freeze=look_at_rules,
+            )
+            result = trio.run(run_scenario, created, config, tmp_path / "run")
+        finally:
+            assert daemon.stop() == 0
+        assert result.error is None
+        assert result.integrity == "ok"
+        assert result.bytes_received == result.bytes_sent
+        assert result.bytes_absorbed > 0
+        assert result.bytes_handed_over == result.bytes_absorbed
+        assert result.max_right_edge_retraction == 0
+        assert result.peer_rto_timeouts == 0
+        # the sidecar's rules live in the container's namespace, none in the gateway
+        container_rules, gateway_rules = rules_during
+        assert "-A INPUT -j SP-d-frozen" in container_rules
+        assert "-A OUTPUT -j SP-d-frozen" in container_rules
+        assert "NFQUEUE" in container_rules
+        assert "SP-" not in gateway_rules
+        for family in (4, 6):
+            assert "SP-" not in save(created.ctr_ns, family)
