@@ -173,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     _setup_logging(config.logging.level, config.logging.format)
-    daemon = Daemon(config)
+    daemon = Daemon(config, args.config)
     try:
         trio.run(daemon.run)
     except Exception as exc:

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from .config import ScopeConfig, ShieldConfig
+from .config import ConfigError, ScopeConfig, ShieldConfig, load_config
 from .control import ControlError, serve_control
 from .handover import save_handover
 from .kernel.netns import enter_netns
@@ -89,25 +89,27 @@ def chain_tag(scope_name: str) -> str:
 class Daemon:
     """Scopes, the shield engine, and the handlers of control requests."""
 
-    def __init__(self, config: ShieldConfig) -> None:
+    def __init__(self, config: ShieldConfig, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.scopes = {
-            scope.name: ScopeRuntime(
-                scope,
-                RuleSet(
-                    chain_tag(scope.name),
-                    config.rule_scopes(scope.name),
-                    (config.queues.first, config.queues.last),
-                    hook=config.hook,
-                    netns=config.netns,
-                ),
-            )
-            for scope in config.scopes
+            scope.name: self._new_runtime(config, scope) for scope in config.scopes
         }
         self.shield: Shield | None = None
         self.metrics = ShieldMetrics()
         self.bindings: list[QueueBinding] = []
         self._sender: RawSender | None = None
+
+    @staticmethod
+    def _new_runtime(config: ShieldConfig, scope: ScopeConfig) -> ScopeRuntime:
+        rules = RuleSet(
+            chain_tag(scope.name),
+            config.rule_scopes(scope.name),
+            (config.queues.first, config.queues.last),
+            hook=config.hook,
+            netns=config.netns,
+        )
+        return ScopeRuntime(scope, rules)
 
     # lifecycle
 
@@ -131,7 +133,9 @@ class Daemon:
             self.metrics.start_http(endpoint)
             log.info("serving metrics on %s", self.config.metrics.address)
         try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            with trio.open_signal_receiver(
+                signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+            ) as signals:
                 async with trio.open_nursery() as nursery:
                     for binding in self.bindings:
                         nursery.start_soon(binding.serve)
@@ -153,6 +157,9 @@ class Daemon:
                     )
                     task_status.started()
                     async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            self.reload()
+                            continue
                         log.info(
                             "received %s, shutting down", signal.Signals(signum).name
                         )
@@ -205,6 +212,56 @@ class Daemon:
         if self._sender is not None:
             self._sender.close()
             self._sender = None
+
+    def reload(self) -> None:
+        """Re-read the config file, keeping frozen scopes and their flows.
+
+        Scopes that are idle are added, changed or removed as the file says. A
+        frozen or handed-over scope keeps its old definition until it is
+        released. Settings that need new kernel bindings (mode, netns, queues,
+        control socket) take effect only on restart.
+        """
+        if self.config_path is None:
+            log.warning("SIGHUP ignored: the daemon was not started from a file")
+            return
+        try:
+            new = load_config(self.config_path, ShieldConfig)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            return
+        old = self.config
+        for setting in ("mode", "netns", "queues", "control"):
+            if getattr(new, setting) != getattr(old, setting):
+                log.warning("reload: %s changed; it takes effect on restart", setting)
+        busy = {n for n, r in self.scopes.items() if r.state is not ScopeState.IDLE}
+        new_names = {scope.name for scope in new.scopes}
+        for name in list(self.scopes):
+            if name in busy:
+                if name not in new_names or new.scope(name) != self.scopes[name].config:
+                    log.warning(
+                        "reload: scope %s is %s; its old definition stays until it "
+                        "is released", name, self.scopes[name].state.value,
+                    )  # fmt: skip
+                continue
+            if name not in new_names:
+                del self.scopes[name]
+                log.info("reload: removed scope %s", name)
+        kept = new.model_copy(update={
+            "mode": old.mode, "netns": old.netns, "queues": old.queues,
+            "control": old.control,
+        })  # fmt: skip
+        for scope in new.scopes:
+            if scope.name in busy:
+                continue
+            current = self.scopes.get(scope.name)
+            if current is None or current.config != scope:
+                self.scopes[scope.name] = self._new_runtime(kept, scope)
+                log.info("reload: %s scope %s", "added" if current is None else
+                         "changed", scope.name)  # fmt: skip
+        self.config = kept
+        if self.shield is not None:
+            self.shield.configure(kept.flow_limits(), kept.trickle_policy())
+        log.info("reloaded %s: %d scopes", self.config_path, len(self.scopes))
 
     def _saved_scopes(
         self,

@@ -76,6 +76,11 @@ class Shield:
         self._announced: set[FlowKey] = set()
         self._held_total = 0
 
+    def configure(self, limits: FlowLimits, trickle: TricklePolicy | None) -> None:
+        """Set the limits and window policy of flows added from now on."""
+        self._limits = limits
+        self._trickle = trickle
+
     # flow lifecycle
 
     def add_flow(self, snapshot: FlowSnapshot, now: float) -> ShieldFlow:

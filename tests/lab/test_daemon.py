@@ -318,3 +318,42 @@ def test_sidecar_shields_in_container_namespace(tmp_path):
         assert "SP-" not in gateway_rules
         for family in (4, 6):
             assert "SP-" not in save(created.ctr_ns, family)
+
+
+def test_sighup_reload_keeps_frozen_scope(daemon_lab):
+    created, daemon = daemon_lab
+    assert daemon.cli("freeze", "--scope", "frozen").returncode == 0
+    config = json.loads(daemon.config.read_text())
+    config["scopes"] = [
+        # the frozen scope now names another port: it must keep the old one
+        {"name": "frozen", "addresses": [created.ctr_v4], "ports": [6001]},
+        {"name": "extra", "addresses": [created.ctr_v6], "ports": [7000]},
+    ]
+    daemon.config.write_text(json.dumps(config))
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while True:
+        status = json.loads(daemon.cli("status").stdout)
+        if "extra" in status["scopes"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert set(status["scopes"]) == {"frozen", "extra"}
+    assert status["scopes"]["frozen"]["state"] == "frozen"
+    assert status["scopes"]["extra"]["state"] == "idle"
+    assert f"--dport {FROZEN_PORT}" in save(created.gw_ns, 4)
+    log_text = daemon.log_path.read_text()
+    assert "reload: removed scope running" in log_text
+    assert "its old definition stays until it is released" in log_text
+    assert daemon.cli("release", "--force").returncode == 0
+    assert shield_chains(created) == []
+
+
+def test_sighup_bad_config_keeps_running(daemon_lab):
+    _, daemon = daemon_lab
+    daemon.config.write_text("mode: gateway\nscopes: []\n")
+    daemon.process.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert daemon.process.poll() is None
+    status = json.loads(daemon.cli("status").stdout)
+    assert set(status["scopes"]) == {"frozen", "running"}
+    assert "reload failed, keeping the running config" in daemon.log_path.read_text()
