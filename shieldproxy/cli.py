@@ -128,6 +128,18 @@ def _add_daemon_commands(sub: Any) -> None:
     control("status", "show each scope's state and counters")
     flows = control("flows", "list the shielded flows")
     flows.add_argument("--scope", help="only this scope")
+    announce = control(
+        "announce", "send restored sockets' windows, still holding packets"
+    )
+    announce.add_argument("--scope", required=True, help="scope name from the config")
+    announce.add_argument(
+        "--window",
+        action="append",
+        default=[],
+        metavar="FLOW=RCV_NXT:RIGHT_EDGE",
+        help="restored receive window of a flow, as 'shieldproxy flows' names it "
+        "(repeatable)",
+    )
     release = control("release", "let held packets through and remove rules")
     release.add_argument("--scope", help="only this scope (default: all)")
     release.add_argument(
@@ -152,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config_command == "check":
             return check_main(args.file)
         return schema_main()
-    if args.command in ("freeze", "thaw", "status", "flows", "release"):
+    if args.command in ("freeze", "thaw", "status", "flows", "announce", "release"):
         return _control(args)
     if args.command == "check-pcap":
         from .pcapcheck import main as pcap_main
@@ -225,6 +237,13 @@ def _control(args: argparse.Namespace) -> int:
         request.update(scope=args.scope, dumps=[str(p.resolve()) for p in args.dump])
     elif args.command == "thaw":
         request.update(scope=args.scope, out_dir=str(args.out.resolve()))
+    elif args.command == "announce":
+        try:
+            windows = _parse_windows(args.window)
+        except ValueError as exc:
+            print(f"shieldproxy announce: {exc}", file=sys.stderr)
+            return 2
+        request.update(scope=args.scope, restored=windows)
     elif args.command == "flows" and args.scope:
         request["scope"] = args.scope
     elif args.command == "release":
@@ -243,6 +262,28 @@ def _control(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _parse_windows(items: list[str]) -> dict[str, dict[str, int]]:
+    """Parse FLOW=RCV_NXT:RIGHT_EDGE options into the announce request's map."""
+    windows = {}
+    for item in items:
+        flow, _, numbers = item.rpartition("=")
+        rcv_nxt, _, right_edge = numbers.partition(":")
+        try:
+            values = {"rcv_nxt": int(rcv_nxt), "right_edge": int(right_edge)}
+        except ValueError:
+            raise ValueError(
+                f"invalid --window {item!r}: use FLOW=RCV_NXT:RIGHT_EDGE with "
+                "sequence numbers in decimal"
+            ) from None
+        if not flow or not all(0 <= v < 2**32 for v in values.values()):
+            raise ValueError(
+                f"invalid --window {item!r}: the flow is missing or a sequence "
+                "number is outside 0..4294967295"
+            )
+        windows[flow] = values
+    return windows
 
 
 def _release_without_daemon(config_path: Path) -> int:

@@ -1,6 +1,7 @@
 """The daemon in a lab: control commands drive freeze, thaw and release."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shieldproxy.control import ControlError, call
 from shieldproxy.demo import ScenarioConfig, run_scenario
+from shieldproxy.kernel.netns import netns_command
 from shieldproxy.kernel.rules import save
 from shieldproxy.lab.topology import lab
 
@@ -157,47 +159,69 @@ def test_unknown_scope_rejected(daemon_lab):
     assert "scope 'nope' not found; configured: frozen, running" in completed.stderr
 
 
+def start_plain_stream(created, port, seconds):
+    """Stream the offset pattern to the container, with no checkpoint at all."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen(
+        netns_command(
+            created.ctr_ns,
+            [sys.executable, "-m", "shieldproxy.lab.stream_server", "listen",
+             "--addr", created.ctr_v4, "--port", str(port)],
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    assert json.loads(server.stdout.readline())["event"] == "listening"
+    rate = 1024 * 1024
+    client = subprocess.Popen(
+        netns_command(
+            created.peer_ns,
+            [sys.executable, "-m", "shieldproxy.lab.stream_client",
+             "--addr", created.ctr_v4, "--port", str(port), "--rate", str(rate),
+             "--total", str(rate * seconds), "--duration", str(seconds)],
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    return server, client
+
+
+def finish_plain_stream(server, client):
+    """Return (bytes sent, last server event) once both ends are done."""
+    client_out, _ = client.communicate(timeout=60)
+    server_out, _ = server.communicate(timeout=30)
+    sent = json.loads(client_out.strip().splitlines()[-1])["sent"]
+    return sent, json.loads(server_out.strip().splitlines()[-1])
+
+
 def test_daemon_shields_one_scope_and_leaves_other(daemon_lab, tmp_path):
     created, daemon = daemon_lab
-
-    async def both():
-        results = {}
-
-        async def one(name, config):
-            results[name] = await run_scenario(created, config, tmp_path / name)
-
-        shielded = ScenarioConfig(
+    # The other scope's stream runs normally for the whole test: the daemon
+    # must neither queue nor answer any of its packets.
+    server, client = start_plain_stream(created, RUNNING_PORT, seconds=10)
+    try:
+        config = ScenarioConfig(
             shielded=True,
             freeze_s=4.0,
             port=FROZEN_PORT,
-            queue_num=9,
             receiver_rcvbuf_bytes=2 * 1024 * 1024,
             daemon_socket=daemon.socket,
             daemon_scope="frozen",
         )
-        # The other scope's stream is checkpointed with a plain drop lock of its
-        # own, after the shielded freeze is under way; the daemon must not
-        # touch it.
-        running = ScenarioConfig(
-            shielded=False, freeze_s=0.5, port=RUNNING_PORT, queue_num=10,
-            warmup_s=4.0, capture=False,
-        )  # fmt: skip
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(one, "shielded", shielded)
-            nursery.start_soon(one, "running", running)
-        return results
-
-    results = trio.run(both)
-    shielded = results["shielded"]
+        shielded = trio.run(run_scenario, created, config, tmp_path / "shielded")
+        sent, last_event = finish_plain_stream(server, client)
+    finally:
+        for process in (client, server):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     assert shielded.error is None
     assert shielded.integrity == "ok"
     assert shielded.bytes_received == shielded.bytes_sent
     assert shielded.bytes_absorbed > 0
     assert shielded.bytes_handed_over == shielded.bytes_absorbed
     assert shielded.max_right_edge_retraction == 0
-    running = results["running"]
-    assert running.error is None
-    assert running.integrity == "ok"
+    assert last_event["event"] == "eof"
+    assert last_event["received"] == sent
+    assert sent > 0
     metrics = daemon.scrape()
     absorbed = metrics["shieldproxy_absorbed_bytes_total{scope=frozen}"]
     assert absorbed == shielded.bytes_absorbed
