@@ -381,3 +381,27 @@ def test_sighup_bad_config_keeps_running(daemon_lab):
     status = json.loads(daemon.cli("status").stdout)
     assert set(status["scopes"]) == {"frozen", "running"}
     assert "reload failed, keeping the running config" in daemon.log_path.read_text()
+
+
+def test_cli_drives_freeze_thaw_release(daemon_lab, tmp_path):
+    created, daemon = daemon_lab
+    assert daemon.cli("freeze", "--scope", "frozen").returncode == 0
+    status = json.loads(daemon.cli("status").stdout)
+    assert status["scopes"]["frozen"]["state"] == "frozen"
+    assert status["scopes"]["frozen"]["frozen_for_s"] >= 0
+    completed = daemon.cli("thaw", "--scope", "frozen", "--out", str(tmp_path / "h"))
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == {"scope": "frozen", "handovers": []}
+    status = json.loads(daemon.cli("status").stdout)
+    assert status["scopes"]["frozen"]["state"] == "handed-over"
+    # thawing twice is refused with the scope's state named
+    again = daemon.cli("thaw", "--scope", "frozen", "--out", str(tmp_path / "h"))
+    assert again.returncode == 1
+    assert "is handed-over, not frozen" in again.stderr
+    completed = daemon.cli("announce", "--scope", "frozen")
+    assert completed.returncode == 0, completed.stderr
+    assert "NFQUEUE" in save(created.gw_ns, 4)
+    completed = daemon.cli("release", "--scope", "frozen")
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == {"released": ["frozen"]}
+    assert shield_chains(created) == []
