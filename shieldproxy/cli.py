@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     up = lab_sub.add_parser("up", help="create peer, gateway and container namespaces")
     up.add_argument("--attacker", action="store_true", help="add an attacker namespace")
     up.add_argument(
+        "--second-container",
+        action="store_true",
+        help="add a second container namespace (ctr2) behind the gateway",
+    )
+    up.add_argument(
         "--extra-peer-addresses", type=int, default=0, help="more peer addresses"
     )
     down = lab_sub.add_parser("down", help="remove a lab, also after a crash of up")
@@ -338,7 +343,9 @@ def _lab(args: argparse.Namespace) -> int:
 
     if args.lab_command == "up":
         lab = lab_up(
-            attacker=args.attacker, extra_peer_addresses=args.extra_peer_addresses
+            attacker=args.attacker,
+            second_container=args.second_container,
+            extra_peer_addresses=args.extra_peer_addresses,
         )
         print(json.dumps(lab.__dict__, indent=2, default=str))
         print(f"remove it with: shieldproxy lab down {lab.lab_id}", file=sys.stderr)

@@ -4,16 +4,18 @@
 
     peer (198.18.1.2) --- (198.18.1.1) gw (198.18.2.1) --- (198.18.2.2) ctr
     atk  (198.18.3.2) --- (198.18.3.1) gw                  [attacker=True]
+                          (198.18.4.1) gw (198.18.4.2) ctr2 [second_container=True]
 
 IPv6 mirrors it in 2001:2:0:N::/64. Peer, container and attacker reach each other
 only through the gateway, and have routes for 198.18.0.0/15 and 2001:2::/48 only,
 so no lab packet can leave towards any other address.
 
-Each lab has a random 6-hex id. Its namespaces are ``sp-<id>-{peer,gw,ctr,atk}``
-and its veths ``sp<id>{p,c,a}{0,1}``, where 0 is the end in the outer namespace
-and 1 the end in the gateway. The veths are created directly inside the lab
-namespaces, so deleting the namespaces deletes them. A JSON record of each lab in
-``/run/shieldproxy/labs`` lets ``lab_down_all`` find labs of crashed runs.
+Each lab has a random 6-hex id. Its namespaces are
+``sp-<id>-{peer,gw,ctr,atk,ctr2}`` and its veths ``sp<id>{p,c,a,d}{0,1}``, where
+0 is the end in the outer namespace and 1 the end in the gateway. The veths are
+created directly inside the lab namespaces, so deleting the namespaces deletes
+them. A JSON record of each lab in ``/run/shieldproxy/labs`` lets ``lab_down_all``
+find labs of crashed runs.
 """
 
 from __future__ import annotations
@@ -41,14 +43,14 @@ from shieldproxy.kernel.netns import (
 
 log = logging.getLogger(__name__)
 
-Role = Literal["peer", "gw", "ctr", "atk"]
+Role = Literal["peer", "gw", "ctr", "atk", "ctr2"]
 
 RECORD_DIR = Path("/run/shieldproxy/labs")
 NETNS_PREFIX = "sp-"
 LINK_PREFIX = "sp"
 MAX_EXTRA_PEER_ADDRESSES = 250
 _ID_RE = re.compile(r"^[0-9a-f]{6}$")
-_LAB_NETNS_RE = re.compile(r"^sp-([0-9a-f]{6})-(peer|gw|ctr|atk)$")
+_LAB_NETNS_RE = re.compile(r"^sp-([0-9a-f]{6})-(peer|gw|ctr|atk|ctr2)$")
 _COMMAND_TIMEOUT = 30.0
 # Seconds lab_up waits for carrier on the veths. It took under 0.1 s here.
 READY_TIMEOUT = 10.0
@@ -68,7 +70,8 @@ class Lab:
 
     Interface names ending in 0 are in the peer, container or attacker namespace,
     those ending in 1 are their gateway ends. Attacker fields are None unless the
-    lab was created with ``attacker=True``.
+    lab was created with ``attacker=True``, and second-container (ctr2) fields
+    are None unless it was created with ``second_container=True``.
     """
 
     lab_id: str
@@ -98,24 +101,32 @@ class Lab:
     atk_v6: str | None = None
     gw_atk_v4: str | None = None
     gw_atk_v6: str | None = None
+    ctr2_ns: str | None = None
+    ctr2_if: str | None = None
+    gw_ctr2_if: str | None = None
+    ctr2_v4: str | None = None
+    ctr2_v6: str | None = None
+    gw_ctr2_v4: str | None = None
+    gw_ctr2_v6: str | None = None
 
     @property
     def namespaces(self) -> tuple[str, ...]:
         """Namespace names of this lab, gateway first."""
-        names = (self.gw_ns, self.peer_ns, self.ctr_ns, self.atk_ns)
+        names = (self.gw_ns, self.peer_ns, self.ctr_ns, self.atk_ns, self.ctr2_ns)
         return tuple(name for name in names if name is not None)
 
     def netns(self, role: Role) -> str:
         """Return the namespace name of ROLE.
 
         Raises:
-            ValueError: ROLE is unknown, or "atk" in a lab without attacker.
+            ValueError: ROLE is unknown, or names a namespace this lab lacks.
         """
         names: dict[str, str | None] = {
             "peer": self.peer_ns,
             "gw": self.gw_ns,
             "ctr": self.ctr_ns,
             "atk": self.atk_ns,
+            "ctr2": self.ctr2_ns,
         }
         name = names.get(role)
         if name is None:
@@ -204,7 +215,9 @@ def _new_lab_id() -> str:
     raise LabError("no unused lab id found after 16 random tries")
 
 
-def _make_lab(lab_id: str, extra_peer_addresses: int, attacker: bool) -> Lab:
+def _make_lab(
+    lab_id: str, extra_peer_addresses: int, attacker: bool, second_container: bool
+) -> Lab:
     def ns(role: str) -> str:
         return f"{NETNS_PREFIX}{lab_id}-{role}"
 
@@ -239,6 +252,13 @@ def _make_lab(lab_id: str, extra_peer_addresses: int, attacker: bool) -> Lab:
         atk_v6="2001:2:0:3::2" if attacker else None,
         gw_atk_v4="198.18.3.1" if attacker else None,
         gw_atk_v6="2001:2:0:3::1" if attacker else None,
+        ctr2_ns=ns("ctr2") if second_container else None,
+        ctr2_if=link("d", 0) if second_container else None,
+        gw_ctr2_if=link("d", 1) if second_container else None,
+        ctr2_v4="198.18.4.2" if second_container else None,
+        ctr2_v6="2001:2:0:4::2" if second_container else None,
+        gw_ctr2_v4="198.18.4.1" if second_container else None,
+        gw_ctr2_v6="2001:2:0:4::1" if second_container else None,
     )
 
 
@@ -289,9 +309,10 @@ def _connect(
 
 
 def _required(value: str | None) -> str:
-    # Attacker fields are all set or all None, so None here is a bug in _make_lab.
+    # The fields of an optional namespace are all set or all None, so None here
+    # is a bug in _make_lab.
     if value is None:
-        raise LabError("attacker namespace is set but one of its fields is None")
+        raise LabError("optional namespace is set but one of its fields is None")
     return value
 
 
@@ -330,6 +351,15 @@ def _build(lab: Lab) -> None:
             _required(lab.gw_atk_if),
             [_required(lab.gw_atk_v4), _required(lab.gw_atk_v6)],
         )
+    if lab.ctr2_ns is not None:
+        _connect(
+            lab.ctr2_ns,
+            _required(lab.ctr2_if),
+            [_required(lab.ctr2_v4), _required(lab.ctr2_v6)],
+            lab.gw_ns,
+            _required(lab.gw_ctr2_if),
+            [_required(lab.gw_ctr2_v4), _required(lab.gw_ctr2_v6)],
+        )
 
 
 def _lab_links(lab: Lab) -> list[tuple[str, str]]:
@@ -341,6 +371,8 @@ def _lab_links(lab: Lab) -> list[tuple[str, str]]:
     ]
     if lab.atk_ns is not None and lab.atk_if and lab.gw_atk_if:
         pairs += [(lab.atk_ns, lab.atk_if), (lab.gw_ns, lab.gw_atk_if)]
+    if lab.ctr2_ns is not None and lab.ctr2_if and lab.gw_ctr2_if:
+        pairs += [(lab.ctr2_ns, lab.ctr2_if), (lab.gw_ns, lab.gw_ctr2_if)]
     return pairs
 
 
@@ -379,6 +411,7 @@ def lab_up(
     *,
     extra_peer_addresses: int = 0,
     attacker: bool = False,
+    second_container: bool = False,
     lab_id: str | None = None,
 ) -> Lab:
     """Create a lab and return its description.
@@ -391,6 +424,8 @@ def lab_up(
         extra_peer_addresses: additional peer addresses 198.18.1.3, .4, ... and
             2001:2:0:1::3, ::4, ...; at most 250.
         attacker: also create the attacker namespace on 198.18.3.0/24.
+        second_container: also create a second container namespace (ctr2) on
+            198.18.4.0/24, behind the same gateway.
         lab_id: 6 lowercase hex digits; random and unused when None.
 
     Raises:
@@ -412,7 +447,7 @@ def lab_up(
                 f"lab id {lab_id} is in use by {in_use}: pick another id or run "
                 f"lab_down({lab_id!r})"
             )
-    lab = _make_lab(lab_id, extra_peer_addresses, attacker)
+    lab = _make_lab(lab_id, extra_peer_addresses, attacker, second_container)
     _write_record(lab)
     try:
         _build(lab)
@@ -520,7 +555,7 @@ def lab_down(lab_id: str) -> list[str]:
 
 
 def lab_down_all() -> list[str]:
-    """Remove every recorded lab and every ``sp-<id>-{peer,gw,ctr,atk}`` namespace.
+    """Remove every recorded lab and every ``sp-<id>-<role>`` namespace.
 
     This also removes labs that other processes are still using.
 
@@ -547,11 +582,15 @@ def lab(
     *,
     extra_peer_addresses: int = 0,
     attacker: bool = False,
+    second_container: bool = False,
     lab_id: str | None = None,
 ) -> Iterator[Lab]:
     """Create a lab for the block and remove it afterwards, also on exceptions."""
     created = lab_up(
-        extra_peer_addresses=extra_peer_addresses, attacker=attacker, lab_id=lab_id
+        extra_peer_addresses=extra_peer_addresses,
+        attacker=attacker,
+        second_container=second_container,
+        lab_id=lab_id,
     )
     try:
         yield created

@@ -31,13 +31,21 @@ def free_loopback_port():
         return probe.getsockname()[1]
 
 
+def running_address(created, mode):
+    """Return the running scope's address: the second container behind a gateway."""
+    if mode == "gateway" and created.ctr2_v4 is not None:
+        return created.ctr2_v4
+    return created.ctr_v4
+
+
 def write_config(path, created, socket_path, state_dir, metrics_port, mode):
+    running = running_address(created, mode)
     config = {
         "mode": mode,
         "netns": created.gw_ns if mode == "gateway" else created.ctr_ns,
         "scopes": [
             {"name": "frozen", "addresses": [created.ctr_v4], "ports": [FROZEN_PORT]},
-            {"name": "running", "addresses": [created.ctr_v4], "ports": [RUNNING_PORT]},
+            {"name": "running", "addresses": [running], "ports": [RUNNING_PORT]},
         ],
         "queues": {"first": 4, "last": 4},
         "control": {"socket_path": str(socket_path)},
@@ -126,7 +134,7 @@ class RunningDaemon:
 
 @pytest.fixture
 def daemon_lab(tmp_path):
-    with lab() as created:
+    with lab(second_container=True) as created:
         daemon = RunningDaemon(created, tmp_path)
         try:
             yield created, daemon
@@ -159,14 +167,14 @@ def test_unknown_scope_rejected(daemon_lab):
     assert "scope 'nope' not found; configured: frozen, running" in completed.stderr
 
 
-def start_plain_stream(created, port, seconds):
-    """Stream the offset pattern to the container, with no checkpoint at all."""
+def start_plain_stream(created, netns, address, port, seconds):
+    """Stream the offset pattern to ADDRESS in NETNS, with no checkpoint at all."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(
         netns_command(
-            created.ctr_ns,
+            netns,
             [sys.executable, "-m", "shieldproxy.lab.stream_server", "listen",
-             "--addr", created.ctr_v4, "--port", str(port)],
+             "--addr", address, "--port", str(port)],
         ),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
     )  # fmt: skip
@@ -176,7 +184,7 @@ def start_plain_stream(created, port, seconds):
         netns_command(
             created.peer_ns,
             [sys.executable, "-m", "shieldproxy.lab.stream_client",
-             "--addr", created.ctr_v4, "--port", str(port), "--rate", str(rate),
+             "--addr", address, "--port", str(port), "--rate", str(rate),
              "--total", str(rate * seconds), "--duration", str(seconds)],
         ),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
@@ -192,11 +200,18 @@ def finish_plain_stream(server, client):
     return sent, json.loads(server_out.strip().splitlines()[-1])
 
 
-def test_daemon_shields_one_scope_and_leaves_other(daemon_lab, tmp_path):
+def test_gateway_shields_one_container_of_two(daemon_lab, tmp_path):
     created, daemon = daemon_lab
-    # The other scope's stream runs normally for the whole test: the daemon
-    # must neither queue nor answer any of its packets.
-    server, client = start_plain_stream(created, RUNNING_PORT, seconds=10)
+    # The second container's stream runs normally for the whole test: the
+    # daemon must neither queue any of its packets nor send any in its place.
+    server, client = start_plain_stream(
+        created, created.ctr2_ns, created.ctr2_v4, RUNNING_PORT, seconds=10
+    )
+    rules_during = []
+
+    async def record_rules():
+        rules_during.append(save(created.gw_ns, 4))
+
     try:
         config = ScenarioConfig(
             shielded=True,
@@ -205,6 +220,7 @@ def test_daemon_shields_one_scope_and_leaves_other(daemon_lab, tmp_path):
             receiver_rcvbuf_bytes=2 * 1024 * 1024,
             daemon_socket=daemon.socket,
             daemon_scope="frozen",
+            mid_freeze=record_rules,
         )
         shielded = trio.run(run_scenario, created, config, tmp_path / "shielded")
         sent, last_event = finish_plain_stream(server, client)
@@ -219,6 +235,10 @@ def test_daemon_shields_one_scope_and_leaves_other(daemon_lab, tmp_path):
     assert shielded.bytes_absorbed > 0
     assert shielded.bytes_handed_over == shielded.bytes_absorbed
     assert shielded.max_right_edge_retraction == 0
+    # while the first container was frozen, no rule matched the second one
+    assert len(rules_during) == 1
+    assert created.ctr_v4 in rules_during[0]
+    assert created.ctr2_v4 not in rules_during[0]
     assert last_event["event"] == "eof"
     assert last_event["received"] == sent
     assert sent > 0

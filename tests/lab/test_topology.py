@@ -194,9 +194,26 @@ def test_extra_peer_addresses_and_attacker() -> None:
     assert lab_leftovers(running.lab_id) == []
 
 
+def test_second_container_reachable() -> None:
+    with lab(second_container=True) as running:
+        assert running.ctr2_ns == f"sp-{running.lab_id}-ctr2"
+        assert running.netns("ctr2") == running.ctr2_ns
+        assert running.ctr2_v4 == "198.18.4.2"
+        assert running.ctr2_v6 == "2001:2:0:4::2"
+        pairs = [(running.ctr2_v4, running.peer_v4), (running.ctr2_v6, running.peer_v6)]
+        for address, peer_address in pairs:
+            assert address is not None
+            with listen(running, "ctr2", address) as server:
+                assert exchange(running, "peer", server, address) == peer_address
+        # the two containers reach each other only through the gateway
+        with listen(running, "ctr", running.ctr_v4) as server:
+            assert exchange(running, "ctr2", server, running.ctr_v4) == "198.18.4.2"
+    assert lab_leftovers(running.lab_id) == []
+
+
 def test_lab_down_removes_everything() -> None:
-    with lab(attacker=True) as running:
-        assert len(lab_leftovers(running.lab_id)) == 4
+    with lab(attacker=True, second_container=True) as running:
+        assert len(lab_leftovers(running.lab_id)) == 5
     assert lab_leftovers(running.lab_id) == []
     assert not (topology.RECORD_DIR / f"{running.lab_id}.json").exists()
     assert lab_down(running.lab_id) == []
