@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(
   iptables iproute2 tcpdump
+  iperf3 redis-server socat
   libnetfilter-queue-dev build-essential pkg-config
   python3 python3-venv python3-dev
 )
@@ -26,6 +27,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # The tests start their own redis-server in a lab namespace. Debian's package
+  # also starts a system service, which nothing here needs.
+  if [[ " ${missing[*]} " == *" redis-server "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now redis-server >/dev/null 2>&1 || true
+  fi
 fi
 
 # The virtual environment is rebuilt when pyproject.toml changes.
@@ -38,3 +44,6 @@ if [ ! -e "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# CRIU 4.2+ and pycriu in .criu/, linked into .venv, so it runs after the venv.
+scripts/criu.sh
