@@ -232,6 +232,9 @@ class ShieldFlow:
             self._limit = self._edge + max(64 * 1024, self._edge // 4)
 
         self._snd_una = snapshot.snd_una
+        # MAX.SND.WND of RFC 5961 is the largest window the peer advertised. The
+        # snapshot does not record it, so this is the largest its scale allows.
+        self._max_snd_window = MAX_WINDOW_FIELD << min(max(snapshot.snd_wscale, 0), 14)
         self._snd_nxt = snapshot.snd_nxt
         self._ts_recent = snapshot.ts_recent
         self._last_tsval = snapshot.tsval
@@ -240,7 +243,12 @@ class ShieldFlow:
         self._challenges = _RateLimit(limits.challenge_acks_per_s)
         self._last_invalid_ack = float("-inf")
         self._next_trickle: float | None = None
-        self._tail_since: float | None = None
+        # Bytes below rcv_nxt that the container has not acknowledged yet wait
+        # for its delayed ACK, which the rules now drop. The tail timer sends
+        # that ACK instead, or the peer would resend them after its RTO.
+        self._tail_since: float | None = (
+            snapshot.taken_at if self._last_ack < 0 else None
+        )
 
     # properties
 
@@ -301,6 +309,7 @@ class ShieldFlow:
             if seg.has(RST):
                 self.stats.rst_ignored += 1
                 return []
+            self._count_dropped_payload(seg)
             return self._ack_unacceptable(seg, now, "out-of-window")
 
         # RST (RFC 5961 section 3.2): exact match resets, otherwise challenge
@@ -320,10 +329,15 @@ class ShieldFlow:
             self.stats.no_ack_flag += 1
             return []
 
-        # ACK field (RFC 5961 section 5.2): acking unsent data gets an ACK back
+        # ACK field (RFC 5961 section 5.2): acking unsent data gets an ACK back.
+        # An ACK below snd_una - MAX.SND.WND is a blind guess, so its data is
+        # dropped with a rate-limited challenge ACK, as Linux's tcp_ack() does.
         if seq_gt(seg.ack, self._snd_nxt):
             self.stats.bad_ack_field += 1
             return self._ack_unacceptable(seg, now, "bad-ack")
+        if seq_lt(seg.ack, seq_add(self._snd_una, -self._max_snd_window)):
+            self.stats.bad_ack_field += 1
+            return self._challenge(now)
         if seq_gt(seg.ack, self._snd_una):
             self._snd_una = seg.ack
 
@@ -503,8 +517,17 @@ class ShieldFlow:
             self.stats.bytes_absorbed += result.new
             self.stats.bytes_duplicate += result.duplicate
 
-        if seg.has(FIN) and fits and self._fin_offset is None:
-            self._fin_offset = offset + len(payload)
+        # A FIN before bytes already held contradicts them, so it is ignored and
+        # the peer has to resend it. Otherwise the held bytes would be
+        # acknowledged past the peer's FIN.
+        fin_offset = offset + len(payload)
+        if (
+            seg.has(FIN)
+            and fits
+            and self._fin_offset is None
+            and self._buffer.held_end <= fin_offset
+        ):
+            self._fin_offset = fin_offset
         if (
             self._fin_offset is not None
             and not self._fin_delivered
@@ -512,6 +535,17 @@ class ShieldFlow:
         ):
             self._fin_delivered = True
             actions.append(FinReceived(seq_add(self._base, self._fin_offset)))
+
+    def _count_dropped_payload(self, seg: Segment) -> None:
+        """Count the payload of a segment with no byte in the window.
+
+        Bytes before rcv_nxt are duplicates. The rest lie past the right edge,
+        unless the segment spans the whole window, which is rare.
+        """
+        length = len(seg.payload)
+        duplicate = min(length, max(0, -seq_diff(seg.seq, self.rcv_nxt)))
+        self.stats.bytes_duplicate += duplicate
+        self.stats.bytes_beyond_edge += length - duplicate
 
     def _ack_unacceptable(self, seg: Segment, now: float, reason: str) -> list[Action]:
         # Linux answers out-of-window segments carrying data every time, but

@@ -55,6 +55,13 @@ class Reassembler:
         return len(self._prefix)
 
     @property
+    def held_end(self) -> int:
+        """Offset one past the last byte held, in order or past a gap."""
+        if self._blocks:
+            return self._blocks[-1].end
+        return len(self._prefix)
+
+    @property
     def out_of_order_bytes(self) -> int:
         return sum(len(block.data) for block in self._blocks)
 
