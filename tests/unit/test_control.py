@@ -4,13 +4,8 @@ import stat
 import pytest
 import trio
 
-from shieldproxy.control import (
-    ControlError,
-    DaemonNotRunning,
-    call,
-    parse_request,
-    serve_control,
-)
+from shieldproxy.control import ControlError, DaemonNotRunning, call, parse_request
+from shieldproxy.control_server import serve_control
 
 
 def test_parse_request_accepts_known_command():
