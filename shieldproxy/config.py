@@ -316,6 +316,13 @@ class ScopeConfig(StrictModel):
         _reject_duplicates(value, "port")
         return value
 
+    def covers(self, address: str, port: int) -> bool:
+        """Return True when the container end ADDRESS:PORT is in this scope."""
+        if self.ports and port not in self.ports:
+            return False
+        ip = ipaddress.ip_address(address)
+        return any(ip in ipaddress.ip_network(text) for text in self.addresses)
+
 
 def _reject_duplicates(values: Sequence[Hashable], what: str) -> None:
     seen: set[Hashable] = set()

@@ -28,7 +28,8 @@ from typing import Any
 import trio
 
 from .config import ConfigError, ScopeConfig, ShieldConfig, load_config
-from .control import ControlError, serve_control
+from .control import ControlError
+from .control_server import serve_control
 from .handover import save_handover
 from .kernel.netns import enter_netns
 from .kernel.nfqueue import QueueBinding, QueuedPacket
@@ -45,6 +46,7 @@ from .state import (
     save_flow,
     save_scope,
     scope_folder,
+    snapshot_from_document,
 )
 from .tcp.flow import FlowHandover, FlowState
 from .tcp.snapshot import FlowKey, FlowSnapshot
@@ -54,6 +56,10 @@ log = logging.getLogger(__name__)
 # Chains of the daemon are named SP-d-<scope tag>, so a restart can find and
 # remove the ones a crashed daemon left behind without touching other users.
 CHAIN_TAG_PREFIX = "d-"
+WATCH_INTERVAL_S = 0.005
+"""How often a freeze's image watch looks for new tcp-stream images."""
+WATCH_TIMEOUT_S = 600.0
+"""How long an image watch runs at most; the post-dump stage ends it sooner."""
 
 
 class ScopeState(enum.Enum):
@@ -76,6 +82,8 @@ class ScopeRuntime:
     carried: dict[FlowKey, tuple[int, bytes]] = field(default_factory=dict)
     """Start sequence number and bytes a previous process acknowledged."""
     handed_over_bytes: dict[FlowKey, int] = field(default_factory=dict)
+    watch_generation: int = 0
+    """Bumped to stop the running image watch, see Daemon.freeze."""
 
 
 def chain_tag(scope_name: str) -> str:
@@ -99,6 +107,7 @@ class Daemon:
         self.metrics = ShieldMetrics()
         self.bindings: list[QueueBinding] = []
         self._sender: RawSender | None = None
+        self._nursery: trio.Nursery | None = None
 
     @staticmethod
     def _new_runtime(config: ShieldConfig, scope: ScopeConfig) -> ScopeRuntime:
@@ -137,6 +146,7 @@ class Daemon:
                 signal.SIGTERM, signal.SIGINT, signal.SIGHUP
             ) as signals:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     for binding in self.bindings:
                         nursery.start_soon(binding.serve)
                     assert self.shield is not None
@@ -388,7 +398,12 @@ class Daemon:
             if command == "flows":
                 return self.flows(request.get("scope"))
             if command == "freeze":
-                return self.freeze(_text(request, "scope"), request.get("dumps", []))
+                return self.freeze(
+                    _text(request, "scope"),
+                    request.get("dumps", []),
+                    request.get("snapshots", []),
+                    request.get("watch"),
+                )
             if command == "thaw":
                 return self.thaw(
                     _text(request, "scope"), Path(_text(request, "out_dir"))
@@ -403,7 +418,14 @@ class Daemon:
                     force=bool(request.get("force", False)),
                     restored=request.get("restored", {}),
                 )
-        except (RulesError, SnapshotFileError, OSError, ValueError, KeyError) as exc:
+        except (
+            RulesError,
+            SnapshotFileError,
+            StateFileError,
+            OSError,
+            ValueError,
+            KeyError,
+        ) as exc:
             log.error("%s request failed: %s", command, exc)
             raise ControlError(f"{command} failed: {exc}") from None
         raise ControlError(f"invalid request: unknown command {command!r}")
@@ -417,19 +439,62 @@ class Daemon:
                 f"scope {name!r} not found; configured: {known}"
             ) from None
 
-    def freeze(self, name: str, dumps: list[str]) -> dict[str, Any]:
-        """Divert the scope's peers to the shield and start answering for DUMPS."""
+    def freeze(
+        self,
+        name: str,
+        dumps: list[str],
+        documents: list[Any] | None = None,
+        watch: Any = None,
+    ) -> dict[str, Any]:
+        """Divert the scope's peers to the shield and start answering for flows.
+
+        The flows come from socket dump files (DUMPS) or from snapshot
+        documents, as a CRIU action script reads them from the images. Packets
+        of flows not yet known are held until their snapshot arrives. Flows
+        whose container end is outside the scope are ignored and listed.
+
+        WATCH, ``{"image_dir": PATH, "flows": {INODE: KEY}}``, starts a task
+        that adds each flow as soon as CRIU has written its tcp-stream image,
+        so the shield answers long before the dump ends. Snapshot documents
+        without a watch end a running watch.
+        """
         runtime = self._runtime(name)
         if runtime.state is ScopeState.HANDED_OVER:
             raise ControlError(f"scope {name!r} is handed over; release it first")
         if not isinstance(dumps, list) or not all(isinstance(d, str) for d in dumps):
             raise ControlError("invalid request: 'dumps' must be a list of paths")
+        if not isinstance(documents, list):
+            raise ControlError("invalid request: 'snapshots' must be a list")
         snapshots = [load_dump(Path(path)).flow_snapshot() for path in dumps]
+        snapshots += [snapshot_from_document(document) for document in documents]
+        ignored = [
+            str(s.key)
+            for s in snapshots
+            if not runtime.config.covers(s.key.container_addr, s.key.container_port)
+        ]
+        snapshots = [s for s in snapshots if str(s.key) not in ignored]
+        if ignored:
+            log.info("freeze of scope %s ignores flows outside it: %s", name, ignored)
         if runtime.state is ScopeState.IDLE:
             runtime.rules.install("queue")
             runtime.state = ScopeState.FROZEN
             runtime.frozen_at = time.monotonic()
             log.info("froze scope %s", name)
+        self._add_snapshots(runtime, snapshots)
+        if watch is not None:
+            self._start_watch(runtime, watch)
+        elif documents:
+            runtime.watch_generation += 1
+        return {
+            "scope": name,
+            "state": runtime.state.value,
+            "flows": len(runtime.flows),
+            "ignored": ignored,
+        }
+
+    def _add_snapshots(
+        self, runtime: ScopeRuntime, snapshots: list[FlowSnapshot]
+    ) -> None:
         assert self.shield is not None
         for snapshot in snapshots:
             if snapshot.key in runtime.flows:
@@ -438,11 +503,80 @@ class Daemon:
             runtime.flows.add(snapshot.key)
             runtime.snapshots[snapshot.key] = snapshot
         self._sample_metrics()
-        return {
-            "scope": name,
-            "state": runtime.state.value,
-            "flows": len(runtime.flows),
-        }
+
+    def _start_watch(self, runtime: ScopeRuntime, watch: Any) -> None:
+        try:
+            image_dir = Path(watch["image_dir"])
+            pending = {
+                int(inode): FlowKey.create(
+                    str(key["container_addr"]),
+                    int(key["container_port"]),
+                    str(key["peer_addr"]),
+                    int(key["peer_port"]),
+                )
+                for inode, key in watch["flows"].items()
+            }
+            pending = {
+                inode: key
+                for inode, key in pending.items()
+                if runtime.config.covers(key.container_addr, key.container_port)
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ControlError(
+                'invalid request: \'watch\' must be {"image_dir": PATH, "flows": '
+                f"{{INODE: KEY}}}} ({exc})"
+            ) from None
+        if self._nursery is None:
+            raise ControlError("the daemon is not serving yet")
+        runtime.watch_generation += 1
+        self._nursery.start_soon(
+            self._watch_images, runtime, image_dir, pending, runtime.watch_generation
+        )
+
+    async def _watch_images(
+        self,
+        runtime: ScopeRuntime,
+        image_dir: Path,
+        pending: dict[int, FlowKey],
+        generation: int,
+    ) -> None:
+        """Add each pending flow once CRIU has written its tcp-stream image."""
+        from .criu.images import ImageError, read_stream_snapshot, stream_image_name
+
+        name = runtime.config.name
+        log.info("scope %s: watching %s for %d flows", name, image_dir, len(pending))
+        deadline = time.monotonic() + WATCH_TIMEOUT_S
+        while pending and time.monotonic() < deadline:
+            if (
+                runtime.state is not ScopeState.FROZEN
+                or runtime.watch_generation != generation
+            ):
+                break
+            for inode, key in list(pending.items()):
+                path = image_dir / stream_image_name(inode)
+                if key in runtime.flows:
+                    del pending[inode]
+                    continue
+                if not path.exists():
+                    continue
+                try:
+                    snapshot = await trio.to_thread.run_sync(
+                        read_stream_snapshot, path, key
+                    )
+                except ImageError:
+                    continue  # CRIU is still writing it
+                del pending[inode]
+                if runtime.watch_generation == generation:
+                    self._add_snapshots(runtime, [snapshot])
+                    log.info("scope %s: %s learned from %s", name, key, path.name)
+            await trio.sleep(WATCH_INTERVAL_S)
+        if pending:
+            log.info(
+                "scope %s: image watch ended with %d flows not seen: %s",
+                name,
+                len(pending),
+                ", ".join(str(key) for key in pending.values()),
+            )
 
     def thaw(self, name: str, out_dir: Path) -> dict[str, Any]:
         """Hand every flow of the scope over and write one file pair per flow."""
@@ -564,6 +698,8 @@ class Daemon:
                 self.shield.flows[k] for k in runtime.flows if k in self.shield.flows
             ]
             scopes[name] = {
+                "addresses": list(runtime.config.addresses),
+                "ports": list(runtime.config.ports),
                 "state": runtime.state.value,
                 "flows": len(runtime.flows),
                 "bytes_absorbed": sum(f.stats.bytes_absorbed for f in flows),

@@ -32,13 +32,63 @@ def scope_folder(state_dir: Path, scope: str) -> Path:
     return state_dir / scope
 
 
+def snapshot_document(snapshot: FlowSnapshot) -> dict[str, Any]:
+    """Return SNAPSHOT as a JSON-ready dict, the key as a nested dict."""
+    document = asdict(snapshot)
+    document["key"] = asdict(snapshot.key)
+    return document
+
+
+def snapshot_from_document(document: Any) -> FlowSnapshot:
+    """Build a snapshot from the dict snapshot_document returns.
+
+    Raises:
+        StateFileError: a field is missing, unknown or of the wrong type.
+    """
+    if not isinstance(document, dict):
+        raise StateFileError(f"invalid snapshot {document!r}: expected an object")
+    fields = dict(document)
+    try:
+        key_fields = fields.pop("key")
+        if not isinstance(key_fields, dict):
+            raise TypeError("'key' must be an object")
+        key = FlowKey.create(
+            str(key_fields["container_addr"]),
+            _integer(key_fields, "container_port"),
+            str(key_fields["peer_addr"]),
+            _integer(key_fields, "peer_port"),
+        )
+        snapshot = FlowSnapshot(key=key, **fields)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateFileError(f"invalid snapshot: {exc}") from None
+    for name in ("rcv_nxt", "rcv_wup", "snd_una", "snd_nxt", "tsval"):
+        value = getattr(snapshot, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise StateFileError(f"invalid snapshot: {name} {value!r} is not an int")
+        if not 0 <= value < 2**32:
+            raise StateFileError(f"invalid snapshot: {name} {value} is not 32-bit")
+    if isinstance(snapshot.rcv_wnd, bool) or not isinstance(snapshot.rcv_wnd, int):
+        raise StateFileError(f"invalid snapshot: rcv_wnd {snapshot.rcv_wnd!r}")
+    if not 0 <= snapshot.rcv_wnd < 2**31:
+        raise StateFileError(
+            f"invalid snapshot: rcv_wnd {snapshot.rcv_wnd} out of range"
+        )
+    return snapshot
+
+
+def _integer(fields: dict[str, Any], name: str) -> int:
+    value = fields[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} {value!r} is not an int")
+    return value
+
+
 def save_flow(
     folder: Path, snapshot: FlowSnapshot, handover: FlowHandover, taken_at: float
 ) -> None:
     """Write one flow: its original snapshot and everything acknowledged so far."""
     handover_path = save_handover(handover, folder, taken_at)
-    document = asdict(snapshot)
-    document["key"] = asdict(snapshot.key)
+    document = snapshot_document(snapshot)
     document["handover"] = handover_path.name
     path = handover_path.with_name(handover_path.stem + SNAPSHOT_SUFFIX)
     _write(path, json.dumps(document, indent=2) + "\n")
