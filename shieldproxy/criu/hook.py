@@ -99,7 +99,7 @@ class HookError(RuntimeError):
 
 @dataclass(frozen=True)
 class HookContext:
-    """What one hook run works on."""
+    """Inputs of one hook run: CRIU's stage and variables, the hook's options."""
 
     stage: str
     socket_path: Path
@@ -436,31 +436,38 @@ def _rewrite_images(
                 "engaged for"
             )
         window = restored_window(flow, handover, handover_at, now)
-        rcv_nxt = window["rcv_nxt"]
-        rcv_wnd = window["rcv_wnd"]
-        right_edge = window["right_edge"]
-        assert rcv_nxt is not None and rcv_wnd is not None and right_edge is not None
         rewrite_tcp_flow(
             image_dir,
             flow.inode,
             extra_bytes=handover.data,
-            rcv_wnd=rcv_wnd,
-            rcv_wup=rcv_nxt,
-            timestamp=window["timestamp"],
+            rcv_wnd=window.rcv_wnd,
+            rcv_wup=window.rcv_nxt,
+            timestamp=window.timestamp,
             backup_dir=backup_dir,
         )
-        restored[str(handover.key)] = {"rcv_nxt": rcv_nxt, "right_edge": right_edge}
+        restored[str(handover.key)] = {
+            "rcv_nxt": window.rcv_nxt,
+            "right_edge": window.right_edge,
+        }
     return restored
+
+
+@dataclass(frozen=True)
+class RestoredWindow:
+    """Receive state written into a flow's tcp-stream image."""
+
+    rcv_nxt: int
+    """After the absorbed bytes; also the new rcv_wup."""
+    rcv_wnd: int
+    right_edge: int
+    timestamp: int | None
+    """TCP_TIMESTAMP clock, None for a flow without timestamps."""
 
 
 def restored_window(
     flow: ImageFlow, handover: FlowHandover, handover_at: float, now: float
-) -> dict[str, int | None]:
-    """Return the receive state to write into FLOW's image after HANDOVER.
-
-    Keys: ``rcv_nxt`` (after the absorbed bytes), ``rcv_wnd``, ``right_edge``
-    and ``timestamp`` (the TCP_TIMESTAMP value, None without timestamps).
-    """
+) -> RestoredWindow:
+    """Return the receive state to write into FLOW's image after HANDOVER."""
     if handover.start_seq != flow.inq_seq:
         raise HookError(
             f"flow {handover.key}: the hand-over starts at sequence number "
@@ -481,12 +488,12 @@ def restored_window(
         timestamp = seq_add(
             restore_tsval(handover.tsval, handover_at, now), RESTORE_TSVAL_MARGIN_MS
         )
-    return {
-        "rcv_nxt": rcv_nxt,
-        "rcv_wnd": seq_diff(right_edge, rcv_nxt),
-        "right_edge": right_edge,
-        "timestamp": timestamp,
-    }
+    return RestoredWindow(
+        rcv_nxt=rcv_nxt,
+        rcv_wnd=seq_diff(right_edge, rcv_nxt),
+        right_edge=right_edge,
+        timestamp=timestamp,
+    )
 
 
 def _restored_windows(context: HookContext) -> dict[str, dict[str, int]]:

@@ -1,0 +1,190 @@
+"""Real programs checkpointed by CRIU in a lab, and what their peers saw."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from scapy.layers.inet import IP, TCP
+from scapy.utils import PcapReader
+
+from shieldproxy.criu.locate import find_criu
+from shieldproxy.demo import read_counters
+
+PROCESS_TIMEOUT = 20.0
+
+
+def hook_path():
+    """Return the hook executable installed beside the running Python."""
+    return Path(sys.executable).parent / "shieldproxy-criu-hook"
+
+
+class CriuTree:
+    """A process tree started in the container namespace, for CRIU to dump."""
+
+    def __init__(self, created, workdir, argv):
+        self.created = created
+        self.workdir = workdir
+        self.criu = str(find_criu())
+        self.netns_path = f"/run/netns/{created.ctr_ns}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        log = (workdir / "program.log").open("ab")
+        # setsid, not `ip netns exec`: its private mount namespace breaks the
+        # dump. The program gets no stray descriptors and no terminal.
+        self.process = subprocess.Popen(
+            ["nsenter", f"--net={self.netns_path}", "setsid", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            close_fds=True,
+        )
+        log.close()
+        self.pid = self.process.pid
+
+    def _criu(self, argv, images, hook_socket):
+        command = ["nsenter", f"--net={self.netns_path}", self.criu, *argv]
+        command += ["-D", str(images), "--tcp-established", "-v4"]
+        env = dict(os.environ)
+        if hook_socket is not None:
+            command += ["--action-script", str(hook_path())]
+            env["SHIELDPROXY_SOCKET"] = str(hook_socket)
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=120, env=env
+        )
+
+    def dump(self, images, hook_socket=None):
+        images.mkdir(parents=True, exist_ok=True)
+        completed = self._criu(
+            ["dump", "-t", str(self.pid), "-o", "dump.log"], images, hook_socket
+        )
+        if completed.returncode == 0:
+            self.process.wait(timeout=PROCESS_TIMEOUT)
+        return completed
+
+    def restore(self, images, hook_socket=None):
+        # CRIU restores the same PID, so the old process must be gone.
+        _wait_gone(self.pid)
+        pidfile = images / "restored.pid"
+        completed = self._criu(
+            ["restore", "-d", "-o", "restore.log", "--pidfile", str(pidfile)],
+            images,
+            hook_socket,
+        )
+        if completed.returncode == 0:
+            self.pid = int(pidfile.read_text())
+        return completed
+
+    def alive(self):
+        return _alive(self.pid)
+
+    def wait_exit(self, timeout):
+        """Wait until the (restored) program exits on its own."""
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+            _wait_gone(self.pid)
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _wait_gone(pid):
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} still exists")
+        time.sleep(0.05)
+
+
+class Capture:
+    """tcpdump on the gateway's peer-side veth: every packet the peer sends.
+
+    Immediate mode, because tcpdump otherwise gets packets in blocks and loses
+    the last block's packets when it is stopped.
+    """
+
+    def __init__(self, created, path, port):
+        self.path = path
+        self.process = subprocess.Popen(
+            ["ip", "netns", "exec", created.gw_ns, "tcpdump", "-i",
+             created.gw_peer_if, "-s", "128", "-U", "--immediate-mode",
+             "-w", str(path), f"tcp port {port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        # tcpdump prints "listening on" once its socket is open
+        self.process.stderr.readline()
+
+    def stop(self):
+        """Stop tcpdump and return its closing report (packets captured, dropped)."""
+        exited_early = self.process.poll() is not None
+        if not exited_early:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        report = self.process.stderr.read().decode(errors="replace")
+        self.process.stderr.close()
+        if exited_early:
+            report = f"tcpdump exited early with {self.process.returncode}: {report}"
+        return report
+
+
+def resume_gap(pcap, peer_addr, restored_at):
+    """Seconds from RESTORED_AT (epoch) to the peer's first byte never sent before.
+
+    Sequence numbers are unwrapped per flow, so a flow past 4 GiB still works.
+    """
+    high: dict[tuple, int] = {}
+    base: dict[tuple, int] = {}
+    with PcapReader(str(pcap)) as reader:
+        for packet in reader:
+            if IP not in packet or TCP not in packet or packet[IP].src != peer_addr:
+                continue
+            tcp = packet[TCP]
+            # the capture keeps 128 bytes of each packet, so the length comes
+            # from the headers
+            ip = packet[IP]
+            length = ip.len - ip.ihl * 4 - tcp.dataofs * 4
+            if length <= 0:
+                continue
+            flow = (tcp.sport, tcp.dport)
+            start = base.setdefault(flow, tcp.seq)
+            end = (tcp.seq - start) % 2**32 + length
+            when = float(packet.time)
+            if when < restored_at:
+                high[flow] = max(high.get(flow, 0), end)
+            elif end > high.get(flow, 0):
+                return when - restored_at
+    return None
+
+
+def peer_counters(created):
+    return read_counters(created.peer_ns)
+
+
+def counters_delta(before, after):
+    return {name: after[name] - before[name] for name in before}
+
+
+def load_json_lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
