@@ -15,6 +15,8 @@ from shieldproxy.criu.locate import find_criu
 from shieldproxy.demo import read_counters
 
 PROCESS_TIMEOUT = 20.0
+NETNS_KEY = "labnet"
+"""Key that names the container's network namespace between dump and restore."""
 
 
 def hook_path():
@@ -23,10 +25,18 @@ def hook_path():
 
 
 class CriuTree:
-    """A process tree started in the container namespace, for CRIU to dump."""
+    """A process tree started in the container namespace, for CRIU to dump.
 
-    def __init__(self, created, workdir, argv):
+    PLACEMENT "inside" runs CRIU in the container's network namespace, as a
+    container engine running CRIU in the container does. "external" runs CRIU
+    in the root namespace with the container's namespace marked external, so
+    CRIU locks and unlocks the network itself (the network-lock and
+    network-unlock stages) and the restore joins the same namespace again.
+    """
+
+    def __init__(self, created, workdir, argv, placement="inside"):
         self.created = created
+        self.placement = placement
         self.workdir = workdir
         self.criu = str(find_criu())
         self.netns_path = f"/run/netns/{created.ctr_ns}"
@@ -44,22 +54,31 @@ class CriuTree:
         log.close()
         self.pid = self.process.pid
 
-    def _criu(self, argv, images, hook_socket):
-        command = ["nsenter", f"--net={self.netns_path}", self.criu, *argv]
+    def _criu(self, argv, images, hook_socket, pass_fds=()):
+        command = [self.criu, *argv]
+        if self.placement == "inside":
+            command = ["nsenter", f"--net={self.netns_path}", *command]
         command += ["-D", str(images), "--tcp-established", "-v4"]
         env = dict(os.environ)
         if hook_socket is not None:
             command += ["--action-script", str(hook_path())]
             env["SHIELDPROXY_SOCKET"] = str(hook_socket)
         return subprocess.run(
-            command, capture_output=True, text=True, timeout=120, env=env
+            command,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            pass_fds=pass_fds,
         )
 
     def dump(self, images, hook_socket=None):
         images.mkdir(parents=True, exist_ok=True)
-        completed = self._criu(
-            ["dump", "-t", str(self.pid), "-o", "dump.log"], images, hook_socket
-        )
+        argv = ["dump", "-t", str(self.pid), "-o", "dump.log"]
+        if self.placement == "external":
+            inode = os.stat(self.netns_path).st_ino
+            argv += ["--external", f"net[{inode}]:{NETNS_KEY}"]
+        completed = self._criu(argv, images, hook_socket)
         if completed.returncode == 0:
             self.process.wait(timeout=PROCESS_TIMEOUT)
         return completed
@@ -68,11 +87,16 @@ class CriuTree:
         # CRIU restores the same PID, so the old process must be gone.
         _wait_gone(self.pid)
         pidfile = images / "restored.pid"
-        completed = self._criu(
-            ["restore", "-d", "-o", "restore.log", "--pidfile", str(pidfile)],
-            images,
-            hook_socket,
-        )
+        argv = ["restore", "-d", "-o", "restore.log", "--pidfile", str(pidfile)]
+        if self.placement == "external":
+            descriptor = os.open(self.netns_path, os.O_RDONLY)
+            try:
+                argv += ["--inherit-fd", f"fd[{descriptor}]:{NETNS_KEY}"]
+                completed = self._criu(argv, images, hook_socket, (descriptor,))
+            finally:
+                os.close(descriptor)
+        else:
+            completed = self._criu(argv, images, hook_socket)
         if completed.returncode == 0:
             self.pid = int(pidfile.read_text())
         return completed

@@ -37,14 +37,17 @@ SEND_S = WARMUP_S + FREEZE_S + AFTER_S
 HERE = Path(__file__).parent
 
 
-def run_checkpoint(created, daemon, work, program, shielded):
+def run_checkpoint(
+    created, daemon, work, program, shielded, freeze_s=FREEZE_S, placement="inside"
+):
     """Dump PROGRAM's server with CRIU, wait FREEZE_S, restore it in place.
 
     Returns (the program's own result, the peer's view).
     """
     work.mkdir(parents=True)
     capture = Capture(created, work / "peer.pcap", program.port)
-    tree = CriuTree(created, work, program.server_argv(created, work))
+    argv = program.server_argv(created, work)
+    tree = CriuTree(created, work, argv, placement=placement)
     client = None
     try:
         program.wait_listening(created)
@@ -56,7 +59,7 @@ def run_checkpoint(created, daemon, work, program, shielded):
         dumped = tree.dump(images, hook_socket)
         assert dumped.returncode == 0, _criu_failure(images / "dump.log", dumped)
         frozen_at = time.monotonic()
-        time.sleep(max(0.0, frozen_at + FREEZE_S - time.monotonic()))
+        time.sleep(max(0.0, frozen_at + freeze_s - time.monotonic()))
         restored = tree.restore(images, hook_socket)
         restored_at = time.time()
         assert restored.returncode == 0, _criu_failure(images / "restore.log", restored)
@@ -273,3 +276,29 @@ def test_socat_stream_checkpointed(tmp_path):
     assert result["checksum_matches"] is True
     assert base_result["checksum_matches"] is True
     check_shield_difference(view, base_view)
+
+
+def test_socat_with_external_namespace(tmp_path):
+    """CRIU in the root namespace, the container's namespace external to it."""
+    program = Socat(send_s=WARMUP_S + 10.0 + AFTER_S)
+    scope = {"name": "app", "addresses": ["198.18.2.2"], "ports": [program.port]}
+    (tmp_path / "daemon").mkdir()
+    with lab() as created:
+        daemon = RunningDaemon(created, tmp_path / "daemon", scopes=[scope])
+        try:
+            result, view = run_checkpoint(
+                created,
+                daemon,
+                tmp_path / "shielded",
+                program,
+                shielded=True,
+                freeze_s=10.0,
+                placement="external",
+            )
+        finally:
+            daemon.stop()
+    assert result["checksum_matches"] is True
+    assert result["received_bytes"] == result["sent_bytes"]
+    assert view["rto_timeouts"] <= 1
+    dump_log = (tmp_path / "shielded" / "images" / "dump.log").read_text()
+    assert "network-lock: froze scopes app" in dump_log
