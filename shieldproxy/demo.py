@@ -31,12 +31,12 @@ from .handover import restored_right_edge
 from .kernel.netns import enter_netns, netns_command, run_in_netns
 from .kernel.nfqueue import QueueBinding, QueuedPacket
 from .kernel.rawsock import RawSender
-from .kernel.repair import dump_socket, save_dump, take_socket
+from .kernel.repair import PeerClose, dump_socket, save_dump, take_socket
 from .kernel.rules import Action, RuleSet, Scope
 from .lab.children import Child
-from .lab.topology import Lab
+from .lab.topology import Lab, sysctl
 from .shield import Shield
-from .tcp.flow import FlowHandover
+from .tcp.flow import FlowHandover, TricklePolicy
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,29 @@ class ScenarioConfig:
     """Daemon scope that covers the flow, when ``daemon_socket`` is set."""
     mid_freeze: Callable[[], Awaitable[None]] | None = None
     """Called once halfway through the freeze, for tests that disturb it."""
+    trickle: TricklePolicy | None = None
+    """Window policy of the in-process shield once the peer has filled the
+    window; None holds the container's right edge."""
+    peer_sysctls: dict[str, str | int] = field(default_factory=dict)
+    """Sysctls (dotted names) set in the peer namespace before the connection
+    opens, for example ``{"net.ipv4.tcp_sack": 0}``."""
+    container_sysctls: dict[str, str | int] = field(default_factory=dict)
+    """Sysctls set in the container namespace before the receiver listens."""
+    client_mss: int = 0
+    """TCP_MAXSEG of the peer's socket in bytes, set before it connects; 0
+    leaves the MSS to the route."""
+    client_keepalive: tuple[int, int, int] | None = None
+    """TCP_KEEPIDLE, TCP_KEEPINTVL (seconds) and TCP_KEEPCNT of the peer's
+    socket, which then has SO_KEEPALIVE on."""
+    client_idle_s: float = 0.0
+    """Seconds the peer sends nothing, from half a second before the freeze."""
+    peer_close: PeerClose | None = None
+    """Peer's close halfway through the freeze: "fin" half-closes the
+    connection after its last byte (shutdown(SHUT_WR)), "rst" resets it
+    (close() with SO_LINGER 0), None keeps streaming."""
+    reply_bytes: int = 0
+    """Bytes the receiver sends back after the peer's EOF; the peer checks
+    them before it closes."""
 
 
 @dataclass
@@ -107,7 +130,21 @@ class ScenarioResult:
     ack_regressions: int | None = None
     tsval_regressions: int | None = None
     shield_counters: dict[str, int] = field(default_factory=dict)
+    timeline: dict[str, float] = field(default_factory=dict)
+    """CLOCK_MONOTONIC seconds at which the run reached each step: frozen,
+    restored, resumed, released and first_new_byte."""
     error: str | None = None
+    handover_fin: bool = False
+    """The shield acknowledged the peer's FIN and handed it over."""
+    handover_reset: bool = False
+    """The shield accepted the peer's RST and handed it over."""
+    stream_end_offset: int | None = None
+    """Stream offset after the last byte given to the restored socket: what
+    the receiver read before the dump, its receive queue and the handed-over
+    bytes."""
+    peer_done: dict[str, Any] | None = None
+    """The peer's last report: bytes sent, close status, reply bytes and
+    whether they matched the pattern."""
 
     @property
     def peer_rto_timeouts(self) -> int:
@@ -170,12 +207,19 @@ async def run_scenario(
                     lab.peer_ns,
                     [
                         "tcpdump", "-i", lab.peer_if, "-s", str(CAPTURE_SNAPLEN),
-                        "-U", "-n", "-w", str(run_dir / "peer.pcap"),
+                        # without immediate mode tcpdump reads packets in
+                        # blocks and loses the last block when stopped
+                        "-U", "--immediate-mode", "-n",
+                        "-w", str(run_dir / "peer.pcap"),
                         f"tcp and src host {ctr_addr} and src port {config.port}",
                     ],
                 )  # fmt: skip
                 await _wait_for_capture(capture)
 
+            for key, value in config.peer_sysctls.items():
+                sysctl(lab.peer_ns, key, value)
+            for key, value in config.container_sysctls.items():
+                sysctl(lab.ctr_ns, key, value)
             server = await start(
                 "receiver",
                 lab.ctr_ns,
@@ -183,23 +227,15 @@ async def run_scenario(
                     "shieldproxy.lab.stream_server", "listen", "--addr", ctr_addr,
                     "--port", str(config.port),
                     "--rcvbuf", str(config.receiver_rcvbuf_bytes),
+                    "--reply", str(config.reply_bytes),
                 ),
             )  # fmt: skip
             await server.wait_for("listening", 10)
             counters_before = read_counters(lab.peer_ns)
             container_before = read_counters(lab.ctr_ns, CONTAINER_COUNTERS)
-            duration = config.warmup_s + config.freeze_s + config.after_s + 120
-            total = int(config.rate_bytes_per_s * (duration - 120))
             client = await start(
-                "sender",
-                lab.peer_ns,
-                _python_module(
-                    "shieldproxy.lab.stream_client", "--addr", ctr_addr,
-                    "--port", str(config.port),
-                    "--rate", str(config.rate_bytes_per_s), "--total", str(total),
-                    "--duration", str(duration),
-                ),
-            )  # fmt: skip
+                "sender", lab.peer_ns, _client_command(config, ctr_addr)
+            )
             accepted = await server.wait_for("accepted", 10)
             await trio.sleep(config.warmup_s)
 
@@ -211,7 +247,7 @@ async def run_scenario(
             elif config.shielded:
                 with enter_netns(lab.gw_ns):
                     sender = RawSender()
-                    shield = Shield(sender)
+                    shield = Shield(sender, trickle=config.trickle)
                     handler = _handler(shield)
                     binding = QueueBinding(config.queue_num, handler)
                 nursery.start_soon(binding.serve)
@@ -228,6 +264,7 @@ async def run_scenario(
             try:
                 dump = dump_socket(sock)
                 frozen_at = time.monotonic()
+                result.timeline["frozen"] = frozen_at
                 # The peer's packets wait unanswered in the queue until the flow
                 # is added, so add it before the slow steps: a wait past the
                 # peer's 200 ms minimum RTO would cost a retransmission timeout.
@@ -269,7 +306,9 @@ async def run_scenario(
             request: dict[str, Any] = {
                 "dump": str(run_dir / "socket.json"),
                 "offset": paused["received"],
+                "reply_bytes": config.reply_bytes,
             }
+            result.stream_end_offset = paused["received"] + len(dump.recv_queue)
             if shield is not None or daemon is not None:
                 if daemon is not None:
                     totals = await daemon.scope_status()
@@ -282,6 +321,13 @@ async def run_scenario(
                     handover = shield.handover(dump.key, handover_at)
                 (run_dir / "absorbed.bin").write_bytes(handover.data)
                 result.bytes_handed_over = len(handover.data)
+                result.stream_end_offset += len(handover.data)
+                result.handover_fin = handover.fin
+                result.handover_reset = handover.reset
+                if handover.fin or handover.reset:
+                    # the restore delivers them at the restored rcv_nxt
+                    request["peer_close"] = "fin" if handover.fin else "rst"
+                    request["peer_tsval"] = handover.ts_recent
                 fresh_edge = restored_right_edge(
                     handover,
                     window_bytes=dump.rcv_wnd,
@@ -297,6 +343,7 @@ async def run_scenario(
                 )
             await restored_server.send_line(json.dumps(request))
             restored = await restored_server.wait_for("restored", 20)
+            result.timeline["restored"] = restored["t"]
 
             # The shield announces the restored window while the socket is
             # still in repair mode, so every segment the kernel sends later
@@ -315,19 +362,23 @@ async def run_scenario(
                 flow_stats = shield.flows[dump.key].stats
                 result.bytes_absorbed = flow_stats.bytes_absorbed
                 result.acks_sent = flow_stats.acks_sent
-                shield.announce(
-                    dump.key,
-                    time.monotonic(),
-                    restored_rcv_nxt=window["rcv_nxt"],
-                    restored_right_edge=window["right_edge"],
-                )
+                if not result.handover_reset:
+                    shield.announce(
+                        dump.key,
+                        time.monotonic(),
+                        restored_rcv_nxt=window["rcv_nxt"],
+                        restored_right_edge=window["right_edge"],
+                    )
             if daemon is None:
                 action: Action = "queue-in" if shield is not None else "drop"
                 await trio.to_thread.run_sync(rules.switch, action)
             else:
-                await daemon.call(command="announce", restored={str(dump.key): window})
+                # a peer that reset the connection needs no window update
+                announced = {} if result.handover_reset else {str(dump.key): window}
+                await daemon.call(command="announce", restored=announced)
             await restored_server.send_line("go")
             resumed = await restored_server.wait_for("resumed", 10)
+            result.timeline["resumed"] = resumed["t"]
             if daemon is not None:
                 await daemon.call(command="release")
             if shield is not None:
@@ -336,22 +387,27 @@ async def run_scenario(
             # iptables-restore takes milliseconds; in a thread, so the queue
             # reader keeps letting the peer's packets through meanwhile
             await trio.to_thread.run_sync(rules.remove)
+            result.timeline["released"] = time.monotonic()
             if binding is not None:
                 binding.drain()
                 binding.close()
                 binding = None
 
             outcome = await _wait_outcome(restored_server, client, config)
+            if config.peer_close is not None or config.reply_bytes:
+                # the peer reports after reading the reply up to the EOF
+                result.peer_done = await client.wait_for("done", 30)
             first_new = restored_server.last("first-new-byte")
             if first_new is not None:
                 result.resume_gap_s = first_new["t"] - resumed["t"]
+                result.timeline["first_new_byte"] = first_new["t"]
             result.peer_counters = _diff(read_counters(lab.peer_ns), counters_before)
             container_after = read_counters(lab.ctr_ns, CONTAINER_COUNTERS)
             result.container_counters = _diff(container_after, container_before)
             done = client.last("done") or client.last("progress") or {}
             result.bytes_sent = done.get("sent", 0)
             result.integrity_ok, result.integrity, result.bytes_received = outcome
-            if result.bytes_received != result.bytes_sent:
+            if result.integrity_ok and result.bytes_received != result.bytes_sent:
                 result.integrity_ok = False
                 result.integrity = (
                     f"received {result.bytes_received} of {result.bytes_sent} bytes"
@@ -477,8 +533,35 @@ async def _wait_outcome(
         return False, f"wrong byte at stream offset {mismatch['offset']}", received
     error = server.last("error")
     if error is not None:
+        received = int(error.get("received", received))
         return False, f"receiver error: {error.get('error')}", received
     return False, f"stream did not finish within {timeout:.0f} s", received
+
+
+def _client_command(config: ScenarioConfig, ctr_addr: str) -> list[str]:
+    """Build the peer's stream_client command line for one run."""
+    duration = config.warmup_s + config.freeze_s + config.after_s + 120
+    total = int(config.rate_bytes_per_s * (duration - 120))
+    # the freeze starts about warmup_s after the client connects
+    close_at = config.warmup_s + config.freeze_s / 2
+    if config.peer_close == "fin":
+        duration = close_at
+    argv = [
+        "--addr", ctr_addr, "--port", str(config.port),
+        "--rate", str(config.rate_bytes_per_s), "--total", str(total),
+        "--duration", str(duration),
+        "--close-timeout", str(config.freeze_s + config.after_s + 60),
+    ]  # fmt: skip
+    if config.peer_close == "rst":
+        argv += ["--abort-at", str(close_at)]
+    if config.client_mss:
+        argv += ["--mss", str(config.client_mss)]
+    if config.client_keepalive is not None:
+        argv += ["--keepalive", ",".join(map(str, config.client_keepalive))]
+    if config.client_idle_s:
+        idle_from = max(0.0, config.warmup_s - 0.5)
+        argv += ["--idle-from", str(idle_from), "--idle", str(config.client_idle_s)]
+    return _python_module("shieldproxy.lab.stream_client", *argv)
 
 
 def _diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:

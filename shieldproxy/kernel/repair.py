@@ -24,8 +24,10 @@ import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from shieldproxy.kernel.rawsock import RawSender
+from shieldproxy.tcp.segment import ACK, FIN, RST, Segment, TcpOptions, build_packet
 from shieldproxy.tcp.seq import seq_add, seq_diff, seq_ge, seq_max
 from shieldproxy.tcp.snapshot import FlowKey, FlowSnapshot
 
@@ -113,6 +115,18 @@ TCP_STATES = {
     11: "CLOSING",
 }
 TCP_ESTABLISHED = 1
+TCP_CLOSE = 7
+TCP_CLOSE_WAIT = 8
+
+PeerClose = Literal["fin", "rst"]
+"""Peer's end of a connection while the socket was away: its FIN or its RST."""
+
+PEER_CLOSE_ATTEMPTS = 3
+"""Times the peer's FIN or RST is sent to a restored socket before giving up."""
+PEER_CLOSE_WAIT_S = 0.2
+"""Seconds to wait after each attempt for the socket to take the segment. The
+segment goes through the namespace's loopback, which took it within a
+millisecond in the lab tests."""
 
 
 class RepairError(OSError):
@@ -647,6 +661,8 @@ def restore_socket(
     extra_receive: bytes = b"",
     right_edge: int | None = None,
     tsval: int | None = None,
+    peer_close: PeerClose | None = None,
+    peer_tsval: int | None = None,
 ) -> socket.socket:
     """Rebuild the dumped socket and return it, still in repair mode.
 
@@ -656,6 +672,14 @@ def restore_socket(
     ``ack + window`` advertised to the peer, and the restored window never ends
     before it. ``tsval`` is the TCP timestamp clock to continue from (ms),
     by default ``dump.tsval``.
+
+    ``peer_close`` delivers a FIN or RST that the peer sent after the last of
+    those bytes and that was acknowledged or accepted in the socket's name. The
+    socket then reads as closed by the peer (FIN: CLOSE_WAIT, the application
+    reads every queued byte, then EOF, and can still send) or reset (RST:
+    CLOSE, the application reads every queued byte, then ECONNRESET).
+    ``peer_tsval`` is the last TSval the peer sent; the crafted segment carries
+    it, so the peer's later segments pass the socket's PAWS check.
 
     The caller releases its network rules, then calls finish_restore. The returned
     socket is blocking. On any failure the new socket is closed and RepairError
@@ -667,6 +691,10 @@ def restore_socket(
     sock = socket.socket(dump.socket_family, socket.SOCK_STREAM)
     try:
         _restore_into(sock, dump, extra_receive, right_edge, tsval)
+        if peer_close is not None:
+            rcv_nxt = seq_add(dump.rcv_nxt, len(extra_receive))
+            _deliver_peer_close(sock, dump, rcv_nxt, peer_close, peer_tsval)
+        _restore_buffers(sock, dump)
         sock.setblocking(True)
     except BaseException:
         _pending_unsent.pop(sock, None)
@@ -727,7 +755,6 @@ def _restore_into(
     _write_receive_queue(sock, dump, dump.recv_queue + extra_receive)
     _write_send_queue(sock, dump)
     _set_window(sock, dump, len(extra_receive), right_edge)
-    _restore_buffers(sock, dump)
 
 
 def _set_queue_seq(sock: socket.socket, queue: int, seq: int, flow: FlowKey) -> None:
@@ -740,10 +767,15 @@ def _set_queue_seq(sock: socket.socket, queue: int, seq: int, flow: FlowKey) -> 
 
 def _set_repair_options(sock: socket.socket, dump: SocketDump, flow: FlowKey) -> None:
     options = [_REPAIR_OPT.pack(TCPOPT_MSS, dump.mss_clamp)]
+    # Without the window option the socket keeps the receive window scale that
+    # connect() chose for a handshake with scaling, and it would advertise its
+    # window shifted by it to a peer that does not scale (seen on Linux 6.18).
+    # Scales of 0 restore a connection without window scaling.
     if dump.wscale_ok:
-        options.append(
-            _REPAIR_OPT.pack(TCPOPT_WINDOW, dump.snd_wscale | dump.rcv_wscale << 16)
-        )
+        scales = dump.snd_wscale | dump.rcv_wscale << 16
+    else:
+        scales = 0
+    options.append(_REPAIR_OPT.pack(TCPOPT_WINDOW, scales))
     if dump.sack_ok:
         options.append(_REPAIR_OPT.pack(TCPOPT_SACK_PERM, 0))
     if dump.timestamps_ok:
@@ -763,8 +795,10 @@ def _write_receive_queue(sock: socket.socket, dump: SocketDump, data: bytes) -> 
 
     The kernel charges each chunk's skb truesize to sk_rmem_alloc and rejects a
     chunk once sk_rcvbuf is reached, so the receive buffer is first forced to
-    the size needed, at most tcp_rmem[2]. _restore_buffers sets the dumped size
-    back afterwards, which leaves the queued bytes in place.
+    the size needed, at most tcp_rmem[2] or the dumped socket's own receive
+    buffer, whichever is larger: a socket with SO_RCVBUF above tcp_rmem[2]
+    advertised a window that only its own buffer holds. _restore_buffers sets
+    the dumped size back afterwards, which leaves the queued bytes in place.
     """
     flow = dump.key
     if not data:
@@ -774,7 +808,7 @@ def _write_receive_queue(sock: socket.socket, dump: SocketDump, data: bytes) -> 
     )
     rmem_max = _tcp_rmem_max()
     estimate = _rmem_estimate(len(data))
-    buffer_size = min(max(estimate, dump.rcvbuf), rmem_max)
+    buffer_size = min(max(estimate, dump.rcvbuf), max(rmem_max, dump.rcvbuf))
     # SO_RCVBUFFORCE doubles its argument, and bypasses net.core.rmem_max.
     _setsockopt(
         sock,
@@ -918,6 +952,91 @@ def _set_window(
     )
 
 
+def _deliver_peer_close(
+    sock: socket.socket,
+    dump: SocketDump,
+    rcv_nxt: int,
+    kind: PeerClose,
+    peer_tsval: int | None,
+) -> None:
+    """Send the restored socket a FIN or RST from the peer, at exactly rcv_nxt.
+
+    The segment is sent through a raw socket of the calling thread's network
+    namespace, from the peer's address to the socket's own, so it goes through
+    loopback and never reaches the peer. It carries the shield's mark, which
+    the shield's rules and CRIU's network lock let through. CRIU's libsoccr
+    restores a socket dumped in CLOSE_WAIT the same way, also in repair mode.
+    The socket takes it before its receive buffer is set back to the dumped
+    size, because a FIN must be charged to a receive buffer with room left.
+
+    Raises RepairError when the socket has not reached CLOSE_WAIT (FIN) or
+    CLOSE (RST) after every attempt.
+    """
+    flow = dump.key
+    flags = ACK | (FIN if kind == "fin" else RST)
+    expected = TCP_CLOSE_WAIT if kind == "fin" else TCP_CLOSE
+    timestamp = None
+    if dump.timestamps_ok and peer_tsval is not None:
+        echo = _get_tcp_int(sock, TCP_TIMESTAMP, "read TCP_TIMESTAMP", flow)
+        timestamp = (peer_tsval & 0xFFFFFFFF, echo)
+    # The socket takes the window of a segment past snd_wl1, so the segment
+    # repeats the peer's window from the dump. A zero window would stall the
+    # application's reply until the socket's next zero-window probe.
+    window = dump.snd_wnd >> (dump.snd_wscale if dump.wscale_ok else 0)
+    version, src, dst = dump.family, dump.remote_addr, dump.local_addr
+    mapped_src = ipaddress.ip_address(src)
+    mapped_dst = ipaddress.ip_address(dst)
+    if (
+        isinstance(mapped_src, ipaddress.IPv6Address)
+        and isinstance(mapped_dst, ipaddress.IPv6Address)
+        and mapped_src.ipv4_mapped is not None
+        and mapped_dst.ipv4_mapped is not None
+    ):
+        # an IPv6 socket with IPv4-mapped addresses talks IPv4 on the wire
+        version = 4
+        src, dst = str(mapped_src.ipv4_mapped), str(mapped_dst.ipv4_mapped)
+    segment = Segment(
+        version=version,
+        src=src,
+        dst=dst,
+        sport=dump.remote_port,
+        dport=dump.local_port,
+        seq=rcv_nxt,
+        # snd_una of the restored socket: it acknowledges nothing new
+        ack=seq_add(dump.write_seq, -len(dump.send_queue)),
+        flags=flags,
+        window=min(window, 0xFFFF),
+        options=TcpOptions(timestamp=timestamp),
+    )
+    packet = build_packet(segment)
+    state = _tcp_state(sock)
+    with RawSender() as sender:
+        for _attempt in range(PEER_CLOSE_ATTEMPTS):
+            sender.send(packet, version, dst)
+            deadline = time.monotonic() + PEER_CLOSE_WAIT_S
+            while True:
+                state = _tcp_state(sock)
+                if state == expected or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.005)
+            if state == expected:
+                log.debug("delivered the peer's %s to %s", kind.upper(), flow)
+                return
+    raise RepairError(
+        f"deliver the peer's {kind.upper()}",
+        errno.ETIMEDOUT,
+        flow,
+        f"The socket is in state {TCP_STATES.get(state, state)} after "
+        f"{PEER_CLOSE_ATTEMPTS} attempts, expected {TCP_STATES[expected]}",
+    )
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_PREFIX.size)
+    state: int = info[0]
+    return state
+
+
 def _restore_buffers(sock: socket.socket, dump: SocketDump) -> None:
     """Set the dumped buffer sizes and SO_BUF_LOCK bits.
 
@@ -950,6 +1069,13 @@ def finish_restore(sock: socket.socket, *, window_probe: bool = True) -> None:
     _set_tcp_int(sock, TCP_REPAIR, value, "switch off TCP_REPAIR", flow)
     unsent = _pending_unsent.pop(sock, b"")
     if not unsent:
+        return
+    if _tcp_state(sock) == TCP_CLOSE:
+        log.info(
+            "dropped %d never-sent bytes of %s: the peer reset the connection",
+            len(unsent),
+            flow,
+        )
         return
     sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     buf_lock = sock.getsockopt(socket.SOL_SOCKET, SO_BUF_LOCK)

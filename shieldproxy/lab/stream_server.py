@@ -2,10 +2,13 @@
 
 It reports on stdout as JSON lines, which the demo and the tests read. The
 events are ``listening``, ``accepted``, ``progress``, ``paused``, ``restored``,
-``resumed``, ``first-new-byte``, ``mismatch`` and ``eof``. ``accepted`` carries
-the pid and socket fd, so another process can take the socket for a TCP_REPAIR
-dump. ``paused`` comes after SIGUSR1 with the exact count of bytes the
-application consumed, so a restore can continue from it.
+``resumed``, ``first-new-byte``, ``mismatch``, ``error``, ``eof`` and
+``replied``. ``accepted`` carries the pid and socket fd, so another process can
+take the socket for a TCP_REPAIR dump. ``paused`` comes after SIGUSR1 with the
+exact count of bytes the application consumed, so a restore can continue from
+it. With a reply size, the receiver sends that many pattern bytes after the
+peer's EOF, then closes, as a request-response server does after a
+half-close.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from shieldproxy.kernel.repair import (
     load_dump,
     restore_socket,
 )
-from shieldproxy.lab.stream import StreamVerifier
+from shieldproxy.lab.stream import StreamVerifier, pattern
 from shieldproxy.tcp.flow import restore_tsval
 from shieldproxy.tcp.seq import seq_add
 
@@ -46,9 +49,12 @@ def _request_pause(signum: int, frame: object) -> None:
 
 
 def receive(
-    sock: socket.socket, verifier: StreamVerifier, new_data_from: int | None
+    sock: socket.socket,
+    verifier: StreamVerifier,
+    new_data_from: int | None,
+    reply_bytes: int = 0,
 ) -> int:
-    """Read and verify until EOF; return the exit status."""
+    """Read and verify until EOF, then send the reply; return the exit status."""
     received_before = verifier.offset
     last_report = 0.0
     first_new_seen = new_data_from is None
@@ -73,7 +79,7 @@ def receive(
             emit(
                 "eof", received=verifier.offset, total=verifier.offset - received_before
             )
-            return 0
+            return send_reply(sock, reply_bytes)
         if not verifier.feed(data):
             emit("mismatch", offset=verifier.mismatch_at)
             return 3
@@ -81,6 +87,19 @@ def receive(
             if verifier.offset > new_data_from:
                 first_new_seen = True
                 emit("first-new-byte", offset=new_data_from)
+
+
+def send_reply(sock: socket.socket, reply_bytes: int) -> int:
+    """Send ``reply_bytes`` pattern bytes after the peer's EOF; return the status."""
+    if not reply_bytes:
+        return 0
+    try:
+        sock.sendall(pattern(0, reply_bytes))
+    except OSError as exc:
+        emit("error", error=f"sending the reply failed: {exc}")
+        return 4
+    emit("replied", bytes=reply_bytes)
+    return 0
 
 
 def listen(args: argparse.Namespace) -> int:
@@ -97,7 +116,7 @@ def listen(args: argparse.Namespace) -> int:
     conn, peer = server.accept()
     server.close()
     emit("accepted", pid=os.getpid(), fd=conn.fileno(), peer=list(peer[:2]))
-    return receive(conn, StreamVerifier(0), None)
+    return receive(conn, StreamVerifier(0), None, args.reply)
 
 
 def restore(args: argparse.Namespace) -> int:
@@ -106,6 +125,8 @@ def restore(args: argparse.Namespace) -> int:
     The process starts ahead of time and waits for one JSON line of restore
     parameters, so the hand-over does not wait for interpreter start-up while
     the peer's packets are held. A second line, ``go``, switches repair off.
+    A ``peer_close`` of ``fin`` or ``rst`` delivers the peer's FIN or RST that
+    the shield took after the handed-over bytes.
     """
     emit("ready")
     request = json.loads(sys.stdin.readline() or "{}")
@@ -117,15 +138,22 @@ def restore(args: argparse.Namespace) -> int:
         tsval = restore_tsval(
             int(request["tsval"]), float(request["tsval_at"]), time.monotonic()
         )
+    peer_close = request.get("peer_close")
+    if peer_close not in (None, "fin", "rst"):
+        emit("error", error=f"invalid peer_close {peer_close!r}")
+        return 5
     sock = restore_socket(
         dump,
         extra_receive=extra,
         right_edge=request.get("right_edge"),
         tsval=tsval,
+        peer_close=peer_close,
+        peer_tsval=request.get("peer_tsval"),
     )
     raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, 20)
     _wl1, _snd_wnd, _max_window, rcv_wnd, rcv_wup = struct.unpack("=5I", raw)
-    rcv_nxt = seq_add(dump.rcv_nxt, len(extra))
+    # a delivered FIN takes one sequence number past the queued bytes
+    rcv_nxt = seq_add(dump.rcv_nxt, len(extra) + (peer_close == "fin"))
     emit(
         "restored",
         rcv_nxt=rcv_nxt,
@@ -141,7 +169,8 @@ def restore(args: argparse.Namespace) -> int:
     emit("resumed")
     offset = int(request["offset"])
     queued_end = offset + len(dump.recv_queue) + len(extra)
-    return receive(sock, StreamVerifier(offset), queued_end)
+    reply_bytes = int(request.get("reply_bytes", 0))
+    return receive(sock, StreamVerifier(offset), queued_end, reply_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--addr", required=True, help="address to listen on")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--rcvbuf", type=int, default=0, help="SO_RCVBUF in bytes")
+    p.add_argument(
+        "--reply",
+        type=int,
+        default=0,
+        help="bytes to send back after the peer's EOF, before closing",
+    )
     sub.add_parser(
         "restore",
         help="wait for restore parameters on stdin, restore the socket, go on",

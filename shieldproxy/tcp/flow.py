@@ -9,7 +9,7 @@ States::
 
     SHIELDING --handover()--> HANDED_OVER
         |
-        +--RST at exactly rcv_nxt--> RESET
+        +--RST at exactly rcv_nxt, or at the last ACK sent--> RESET
 
 While SHIELDING it behaves as the container's receive side would (RFC 9293
 section 3.10.7.4, in that order): PAWS check, sequence acceptability, RST, SYN,
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from .reassembly import Reassembler
 from .segment import ACK, FIN, RST, SYN, Segment, TcpOptions
-from .seq import seq_add, seq_diff, seq_gt, seq_le, seq_lt
+from .seq import seq_add, seq_diff, seq_ge, seq_gt, seq_le, seq_lt
 from .snapshot import FlowKey, FlowSnapshot
 
 MAX_WINDOW_FIELD = 0xFFFF
@@ -304,21 +304,13 @@ class ShieldFlow:
             self.stats.paws_rejected += 1
             return self._ack_unacceptable(seg, now, "paws")
 
+        if seg.has(RST):
+            return self._receive_reset(seg, now)
+
         # sequence acceptability (RFC 9293 section 3.10.7.4, first check)
         if not self._acceptable(seg):
-            if seg.has(RST):
-                self.stats.rst_ignored += 1
-                return []
             self._count_dropped_payload(seg)
             return self._ack_unacceptable(seg, now, "out-of-window")
-
-        # RST (RFC 5961 section 3.2): exact match resets, otherwise challenge
-        if seg.has(RST):
-            if seg.seq == self.rcv_nxt:
-                self.stats.rst_accepted += 1
-                self.state = FlowState.RESET
-                return [ResetReceived()]
-            return self._challenge(now)
 
         # SYN on an established connection (RFC 5961 section 4.2)
         if seg.has(SYN):
@@ -354,6 +346,26 @@ class ShieldFlow:
             self._absorb(seg, actions)
             actions.append(self._ack(now, "fin" if self._fin_delivered else "data"))
         return actions
+
+    def _receive_reset(self, seg: Segment, now: float) -> list[Action]:
+        """Reset on an exact match, as RFC 5961 section 3.2 requires.
+
+        RCV.NXT counts the peer's FIN once it is in order. The peer knows
+        RCV.NXT only from the last ACK it saw, which can stop short of the
+        bytes held (see :meth:`_choose_ack`), and a peer whose socket is gone
+        replies to the challenge ACK with an RST at that ACK number. So that
+        number resets too; otherwise the two would trade challenge ACKs and
+        RSTs until the hand-over. Any other RST in the window gets a challenge
+        ACK, and one outside it is dropped.
+        """
+        if seg.seq in (self._next_seq(), self.ack_sent):
+            self.stats.rst_accepted += 1
+            self.state = FlowState.RESET
+            return [ResetReceived()]
+        if self._acceptable(seg):
+            return self._challenge(now)
+        self.stats.rst_ignored += 1
+        return []
 
     def next_deadline(self) -> float | None:
         """Monotonic time at which :meth:`on_deadline` wants to run, if any."""
@@ -446,10 +458,14 @@ class ShieldFlow:
         edge = right_edge
         if seq_lt(edge, self.right_edge):
             edge = self.right_edge
-        window_bytes = max(0, seq_diff(edge, rcv_nxt))
+        # The shield acknowledged the peer's FIN with rcv_nxt + 1. A restore
+        # that delivered the FIN reports that number. A restore that did not
+        # must still not show the peer a lower ACK than it already saw.
+        ack = rcv_nxt if seq_ge(rcv_nxt, self.ack_sent) else self.ack_sent
+        window_bytes = max(0, seq_diff(edge, ack))
         window = min(MAX_WINDOW_FIELD, -(-window_bytes // unit))
         timestamp = self._next_timestamp(now)
-        segment = self._ack_segment(rcv_nxt, window, TcpOptions(timestamp=timestamp))
+        segment = self._ack_segment(ack, window, TcpOptions(timestamp=timestamp))
         return Transmit(segment, "window-update")
 
     # helpers
@@ -479,9 +495,19 @@ class ShieldFlow:
             options=options,
         )
 
+    def _next_offset(self) -> int:
+        """Offset of RCV.NXT: past the contiguous bytes and the peer's FIN."""
+        end = self._buffer.contiguous_end
+        return end + 1 if self._fin_delivered else end
+
+    def _next_seq(self) -> int:
+        return seq_add(self._base, self._next_offset())
+
     def _acceptable(self, seg: Segment) -> bool:
-        rcv_nxt = self.rcv_nxt
-        window = self._edge - self._buffer.contiguous_end
+        # After the peer's FIN its keepalive probes carry the FIN's sequence
+        # number, one below RCV.NXT, so they count as old and get an ACK.
+        rcv_nxt = self._next_seq()
+        window = self._edge - self._next_offset()
         length = seg.seg_len
         start = seq_diff(seg.seq, rcv_nxt)
         if length == 0:

@@ -224,6 +224,57 @@ def test_bare_fin_accepted_into_zero_window():
     assert only_transmit(actions).segment.ack == seq_add(RCV_NXT, 11)
 
 
+def test_keepalive_after_fin_answered():
+    flow = ShieldFlow(snapshot())
+    flow.receive(peer(0, b"a" * 10, flags=ACK | FIN), now=10.0)
+    # the peer's keepalive probe after its FIN carries the FIN's sequence number
+    reply = only_transmit(flow.receive(peer(10), now=12.0))
+    assert reply.reason == "out-of-window"
+    assert reply.segment.ack == seq_add(RCV_NXT, 11)
+
+
+def test_retransmitted_fin_acknowledged_again():
+    flow = ShieldFlow(snapshot())
+    flow.receive(peer(0, b"a" * 10, flags=ACK | FIN), now=10.0)
+    reply = only_transmit(flow.receive(peer(0, b"a" * 10, flags=ACK | FIN), now=10.3))
+    assert reply.segment.ack == seq_add(RCV_NXT, 11)
+    assert flow.stats.bytes_duplicate == 10
+    assert flow.handover(now=11.0)[0].fin
+
+
+def test_rst_after_fin_at_next_sequence_accepted():
+    flow = ShieldFlow(snapshot())
+    flow.receive(peer(0, b"a" * 10, flags=ACK | FIN), now=10.0)
+    assert flow.receive(peer(11, flags=RST | ACK), now=11.0) == [ResetReceived()]
+    handover, _ = flow.handover(now=11.0)
+    assert handover.reset
+    assert handover.data == b"a" * 10
+
+
+def test_rst_at_last_ack_sent_accepted():
+    # 200 bytes held, but the ACK stayed on the window-scale grid at 128
+    flow = ShieldFlow(snapshot(window=128 * 10, wscale=7))
+    reply = only_transmit(flow.receive(peer(0, b"x" * 200), now=10.0))
+    assert reply.segment.ack == seq_add(RCV_NXT, 128)
+    # a peer without a socket replies to an ACK with an RST at its ACK number
+    assert flow.receive(peer(128, flags=RST), now=10.01) == [ResetReceived()]
+    handover, final_ack = flow.handover(now=10.02)
+    assert final_ack is None
+    assert handover.reset
+    assert handover.rcv_nxt == seq_add(RCV_NXT, 128)
+
+
+def test_release_update_keeps_fin_acknowledged():
+    flow = ShieldFlow(snapshot())
+    flow.receive(peer(0, b"a" * 10, flags=ACK | FIN), now=10.0)
+    handover, _ = flow.handover(now=11.0)
+    update = flow.release_update(
+        11.0, rcv_nxt=handover.rcv_nxt, right_edge=seq_add(RCV_NXT, 8192)
+    )
+    assert update.segment.ack == seq_add(RCV_NXT, 11)
+    assert edge(update.segment, 0) == seq_add(RCV_NXT, 8192)
+
+
 def test_paws_rejects_old_timestamp():
     flow = ShieldFlow(snapshot())
     flow.receive(peer(0, b"a", tsval=1000), now=10.0)
