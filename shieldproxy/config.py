@@ -575,8 +575,20 @@ class ShieldConfig(StrictModel):
     )
     state_dir: Annotated[Path, AfterValidator(_check_absolute)] = Field(
         Path("/var/lib/shieldproxy"),
-        description="Absolute path of the directory frozen flows are saved to on "
-        "shutdown.",
+        description=(
+            "Absolute path of the directory that holds the journals of frozen "
+            "scopes, and frozen flows saved on shutdown."
+        ),
+    )
+    durability: Literal["journal", "memory"] = Field(
+        "journal",
+        description=(
+            "'journal' writes every acknowledged byte to a journal in state_dir "
+            "and flushes it to disk before the ACK is sent, so a crash loses "
+            "nothing. 'memory' keeps the bytes in memory only and saves them on "
+            "SIGTERM; it sends ACKs sooner, but a crash loses what the shield "
+            "acknowledged."
+        ),
     )
 
     @field_validator("scopes")

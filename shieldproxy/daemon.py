@@ -7,9 +7,16 @@ per flow for the restore, and ``release`` lets held packets through and
 removes the scope's rules.
 
 On SIGTERM or SIGINT with nothing frozen every rule goes. With a scope frozen,
-its flows are saved to the state directory and its rules switch to plain DROP
-before the daemon exits, so peers see silence and never a reset. The next start
+its rules switch to plain DROP before the daemon exits, so peers see silence
+and never a reset, and its flows stay in the state directory. The next start
 adopts those rules, reads the flows back and answers again.
+
+With ``durability: journal`` (the default) each frozen scope has a journal in
+the state directory that records every acknowledged byte before its ACK is sent,
+so a crash or ``kill -9`` loses nothing either: the rules stay in place and
+drop the peers' packets while no process reads the queue, and the next start
+replays the journal. With ``durability: memory`` only SIGTERM and SIGINT save
+the flows.
 """
 
 from __future__ import annotations
@@ -31,6 +38,13 @@ from .config import ConfigError, ScopeConfig, ShieldConfig, load_config
 from .control import ControlError
 from .control_server import serve_control
 from .handover import save_handover
+from .journal import (
+    JOURNAL_FILE,
+    JournalError,
+    ScopeJournals,
+    journal_path,
+    read_journal,
+)
 from .kernel.netns import enter_netns
 from .kernel.nfqueue import QueueBinding, QueuedPacket
 from .kernel.rawsock import RawSender
@@ -42,6 +56,7 @@ from .state import (
     StateFileError,
     continuation,
     load_scope,
+    remove_saved_flows,
     remove_scope,
     save_flow,
     save_scope,
@@ -86,6 +101,18 @@ class ScopeRuntime:
     """Bumped to stop the running image watch, see Daemon.freeze."""
 
 
+@dataclass
+class SavedScope:
+    """A scope an earlier process left frozen or handed over, as read back."""
+
+    frozen_for_s: float
+    flows: list[tuple[FlowSnapshot, FlowHandover, float]]
+    """(original snapshot, hand-over so far, monotonic time of its TSval)."""
+    handed_over: bool
+    source: str
+    """Source it was read from, for the log: a journal or saved files."""
+
+
 def chain_tag(scope_name: str) -> str:
     """Return the chain tag of a scope; long names are shortened with a hash."""
     if len(scope_name) <= 20:
@@ -104,6 +131,7 @@ class Daemon:
             scope.name: self._new_runtime(config, scope) for scope in config.scopes
         }
         self.shield: Shield | None = None
+        self.journals = ScopeJournals() if config.durability == "journal" else None
         self.metrics = ShieldMetrics()
         self.bindings: list[QueueBinding] = []
         self._sender: RawSender | None = None
@@ -134,8 +162,8 @@ class Daemon:
         if removed:
             log.warning("removed rules left by an earlier run: %s", ", ".join(removed))
         self._open_kernel_edges()
-        for name, (frozen_for_s, flows) in saved.items():
-            self._resume_scope(name, frozen_for_s, flows)
+        for name, saved_scope in saved.items():
+            self._resume_scope(name, saved_scope)
         endpoint = self.config.metrics.endpoint()
         if endpoint is not None:
             # bound from the daemon's own namespace: Prometheus scrapes the host
@@ -148,7 +176,7 @@ class Daemon:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     for binding in self.bindings:
-                        nursery.start_soon(binding.serve)
+                        nursery.start_soon(binding.serve, self._after_batch)
                     assert self.shield is not None
                     nursery.start_soon(self.shield.run_timers)
                     nursery.start_soon(self._expire_freezes)
@@ -188,6 +216,7 @@ class Daemon:
                     self._sender,
                     limits=self.config.flow_limits(),
                     trickle=self.config.trickle_policy(),
+                    journal=self.journals,
                 )
                 for queue in range(
                     self.config.queues.first, self.config.queues.last + 1
@@ -215,6 +244,11 @@ class Daemon:
         assert self.shield is not None
         self.shield.handle_packet(packet, time.monotonic())
 
+    def _after_batch(self) -> None:
+        # one journal commit for every packet of the read, then their ACKs
+        assert self.shield is not None
+        self.shield.flush(time.monotonic())
+
     def _close_kernel_edges(self) -> None:
         for binding in self.bindings:
             binding.close()
@@ -240,7 +274,7 @@ class Daemon:
             log.error("reload failed, keeping the running config: %s", exc)
             return
         old = self.config
-        for setting in ("mode", "netns", "queues", "control"):
+        for setting in ("mode", "netns", "queues", "control", "durability"):
             if getattr(new, setting) != getattr(old, setting):
                 log.warning("reload: %s changed; it takes effect on restart", setting)
         busy = {n for n, r in self.scopes.items() if r.state is not ScopeState.IDLE}
@@ -258,7 +292,7 @@ class Daemon:
                 log.info("reload: removed scope %s", name)
         kept = new.model_copy(update={
             "mode": old.mode, "netns": old.netns, "queues": old.queues,
-            "control": old.control,
+            "control": old.control, "durability": old.durability,
         })  # fmt: skip
         for scope in new.scopes:
             if scope.name in busy:
@@ -273,43 +307,108 @@ class Daemon:
             self.shield.configure(kept.flow_limits(), kept.trickle_policy())
         log.info("reloaded %s: %d scopes", self.config_path, len(self.scopes))
 
-    def _saved_scopes(
-        self,
-    ) -> dict[str, tuple[float, list[tuple[FlowSnapshot, FlowHandover, float]]]]:
+    def _saved_scopes(self) -> dict[str, SavedScope]:
+        """Read the scopes an earlier process left, from journals or saved files.
+
+        A journal wins over saved files: both exist only when a crash hit a
+        restart that moved saved files into a new journal.
+        """
         saved = {}
         for name in self.scopes:
             folder = scope_folder(self.config.state_dir, name)
-            try:
-                loaded = load_scope(folder)
-            except StateFileError as exc:
-                log.error("ignoring saved scope %s: %s", name, exc)
-                continue
+            loaded = self._read_journal(name, folder)
+            if loaded is None:
+                try:
+                    from_files = load_scope(folder)
+                except StateFileError as exc:
+                    log.error("ignoring saved scope %s: %s", name, exc)
+                    continue
+                if from_files is not None:
+                    frozen_for_s, flows = from_files
+                    loaded = SavedScope(frozen_for_s, flows, False, "saved files")
             if loaded is not None:
                 saved[name] = loaded
         return saved
 
-    def _resume_scope(
-        self,
-        name: str,
-        frozen_for_s: float,
-        flows: list[tuple[FlowSnapshot, FlowHandover, float]],
-    ) -> None:
-        """Answer again for a scope an earlier process left frozen."""
+    def _read_journal(self, name: str, folder: Path) -> SavedScope | None:
+        path = journal_path(folder)
+        if not path.exists():
+            return None
+        try:
+            contents = read_journal(path)
+        except JournalError as exc:
+            damaged = path.with_name(f"{JOURNAL_FILE}.damaged-{int(time.time())}")
+            log.error(
+                "ignoring the journal of scope %s, kept as %s: %s", name, damaged, exc
+            )
+            try:
+                path.replace(damaged)
+            except OSError as rename_error:
+                log.error("renaming %s failed: %s", path, rename_error)
+            return None
+        torn = contents.file_bytes - contents.valid_bytes
+        if torn:
+            log.info(
+                "journal of scope %s ends in %d bytes of an unfinished write; "
+                "their ACKs were never sent",
+                name,
+                torn,
+            )
+        for flow in contents.flows.values():
+            if flow.missing_bytes:
+                log.error(
+                    "journal of scope %s: %s lacks %d acknowledged bytes",
+                    name,
+                    flow.snapshot.key,
+                    flow.missing_bytes,
+                )
+        frozen_for_s = max(0.0, time.monotonic() - contents.frozen_at)
+        return SavedScope(
+            frozen_for_s, contents.recovered(), contents.thawed, "its journal"
+        )
+
+    def _resume_scope(self, name: str, saved: SavedScope) -> None:
+        """Take over a scope an earlier process left frozen or handed over.
+
+        A frozen scope is answered again from where the earlier process
+        stopped. A handed-over scope holds its peers' packets until release.
+        """
         runtime = self.scopes[name]
         runtime.rules.adopt("drop")
         runtime.rules.switch("queue")
-        runtime.state = ScopeState.FROZEN
-        runtime.frozen_at = time.monotonic() - frozen_for_s
+        runtime.frozen_at = time.monotonic() - saved.frozen_for_s
+        folder = scope_folder(self.config.state_dir, name)
+        if self.journals is not None:
+            # the new journal contains everything before the old files go
+            self.journals.open(
+                name, folder, runtime.frozen_at, saved.flows, thawed=saved.handed_over
+            )
+            remove_saved_flows(folder, keep_prefix=JOURNAL_FILE)
+        else:
+            journal_path(folder).unlink(missing_ok=True)
         assert self.shield is not None
-        for snapshot, handover, taken_at in flows:
+        now = time.monotonic()
+        for snapshot, handover, taken_at in saved.flows:
+            key = snapshot.key
             self.shield.add_flow(continuation(snapshot, handover, taken_at), taken_at)
-            runtime.flows.add(snapshot.key)
-            runtime.snapshots[snapshot.key] = snapshot
-            runtime.carried[snapshot.key] = (handover.start_seq, handover.data)
+            runtime.flows.add(key)
+            runtime.snapshots[key] = snapshot
+            runtime.carried[key] = (handover.start_seq, handover.data)
+            if saved.handed_over:
+                self.shield.handover(key, now)
+                runtime.handed_over_bytes[key] = len(handover.data)
+        if saved.handed_over:
+            runtime.state = ScopeState.HANDED_OVER
+        else:
+            runtime.state = ScopeState.FROZEN
         log.info(
-            "resumed frozen scope %s with %d flows saved by an earlier run",
+            "resumed %s scope %s with %d flows saved by an earlier run, from %s: "
+            "%d bytes acknowledged",
+            runtime.state.value,
             name,
-            len(flows),
+            len(saved.flows),
+            saved.source,
+            sum(len(handover.data) for _, handover, _ in saved.flows),
         )
 
     def _handover(
@@ -342,6 +441,23 @@ class Daemon:
             len(runtime.flows), folder,
         )  # fmt: skip
 
+    def _close_journal(self, runtime: ScopeRuntime) -> None:
+        """Acknowledge what a frozen scope holds, then close its journal."""
+        assert self.shield is not None and self.journals is not None
+        if runtime.state is ScopeState.FROZEN:
+            now = time.monotonic()
+            for key in sorted(runtime.flows):
+                flow = self.shield.flows.get(key)
+                if flow is not None and flow.state is FlowState.SHIELDING:
+                    self.shield.handover(key, now)
+        self.journals.close(runtime.config.name)
+        log.warning(
+            "left %s scope %s with %d flows in its journal",
+            runtime.state.value,
+            runtime.config.name,
+            len(runtime.flows),
+        )
+
     def shutdown(self) -> None:
         """Remove idle scopes' rules; save frozen scopes and leave plain DROP."""
         for runtime in self.scopes.values():
@@ -352,7 +468,9 @@ class Daemon:
                     # drop first: from here on nothing answers, and nothing
                     # reaches a container that has no socket
                     runtime.rules.switch("drop")
-                    if runtime.state is ScopeState.FROZEN:
+                    if self.journals is not None:
+                        self._close_journal(runtime)
+                    elif runtime.state is ScopeState.FROZEN:
                         self._save_frozen(runtime)
                     log.warning(
                         "scope %s is %s with %d flows: its peers' packets are "
@@ -476,11 +594,27 @@ class Daemon:
         if ignored:
             log.info("freeze of scope %s ignores flows outside it: %s", name, ignored)
         if runtime.state is ScopeState.IDLE:
-            runtime.rules.install("queue")
+            frozen_at = time.monotonic()
+            if self.journals is not None:
+                folder = scope_folder(self.config.state_dir, name)
+                self.journals.open(name, folder, frozen_at)
+            try:
+                runtime.rules.install("queue")
+            except BaseException:
+                if self.journals is not None:
+                    self.journals.close(name, remove=True)
+                raise
             runtime.state = ScopeState.FROZEN
-            runtime.frozen_at = time.monotonic()
+            runtime.frozen_at = frozen_at
             log.info("froze scope %s", name)
         self._add_snapshots(runtime, snapshots)
+        writer = None if self.journals is None else self.journals.writer(name)
+        if writer is not None and writer.failed:
+            raise ControlError(
+                f"freeze of scope {name!r} failed: its journal {writer.path} cannot "
+                "be written, so the shield withholds its ACKs; free the state "
+                "directory's disk and freeze again, or release the scope"
+            )
         if watch is not None:
             self._start_watch(runtime, watch)
         elif documents:
@@ -496,9 +630,14 @@ class Daemon:
         self, runtime: ScopeRuntime, snapshots: list[FlowSnapshot]
     ) -> None:
         assert self.shield is not None
-        for snapshot in snapshots:
-            if snapshot.key in runtime.flows:
-                continue
+        new = [s for s in snapshots if s.key not in runtime.flows]
+        if self.journals is not None and new:
+            # each flow's snapshot is on disk before anything is acknowledged
+            name = runtime.config.name
+            for snapshot in new:
+                self.journals.add_flow(name, snapshot)
+            self.journals.commit()
+        for snapshot in new:
             self.shield.add_flow(snapshot, time.monotonic())
             runtime.flows.add(snapshot.key)
             runtime.snapshots[snapshot.key] = snapshot
@@ -590,6 +729,10 @@ class Daemon:
             handover = self._handover(runtime, key, now)
             runtime.handed_over_bytes[key] = len(handover.data)
             files.append(str(save_handover(handover, out_dir, now)))
+        if self.journals is not None:
+            # from here the hand-over files hold the bytes
+            self.journals.mark_thawed(name)
+            self.journals.commit()
         runtime.state = ScopeState.HANDED_OVER
         self._sample_metrics()
         log.info("handed over scope %s: %d flows to %s", name, len(files), out_dir)
@@ -663,6 +806,8 @@ class Daemon:
             runtime.flows.clear()
             runtime.snapshots.clear()
             runtime.carried.clear()
+            if self.journals is not None:
+                self.journals.close(scope_name, remove=True)
             remove_scope(scope_folder(self.config.state_dir, scope_name))
             released.append(scope_name)
             log.info("released scope %s", scope_name)
@@ -704,13 +849,20 @@ class Daemon:
                 "flows": len(runtime.flows),
                 "bytes_absorbed": sum(f.stats.bytes_absorbed for f in flows),
                 "acks_sent": sum(f.stats.acks_sent for f in flows),
+                "bytes_recovered": sum(
+                    len(data) for _, data in runtime.carried.values()
+                ),
                 "frozen_for_s": (
                     None
                     if runtime.frozen_at is None
                     else round(now - runtime.frozen_at, 3)
                 ),
             }
-        return {"mode": self.config.mode, "scopes": scopes}
+        return {
+            "mode": self.config.mode,
+            "durability": self.config.durability,
+            "scopes": scopes,
+        }
 
     def flows(self, scope: str | None) -> list[dict[str, Any]]:
         """Return one entry per shielded flow, with its counters."""

@@ -5,6 +5,13 @@ a flow whose snapshot has not arrived yet, and packets that arrive after a flow
 was handed over, are held without a verdict; :meth:`Shield.release` lets them
 through to the restored socket. Everything else is answered by the flow's
 :class:`ShieldFlow` and dropped, since the shield has taken its bytes.
+
+With a journal (:class:`AckJournal`) the shield holds its ACKs back: it
+journals the bytes it absorbed and the state its ACKs show, commits the
+journal once per batch of packets, and sends the ACKs only after the commit
+succeeded (group commit). :meth:`Shield.flush` ends a batch; the daemon calls
+it after each read from the queue, and the shield calls it itself after its
+timers and control operations.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Protocol
 
 import trio
 
+from .journal import AckedState
 from .kernel.nfqueue import QueuedPacket
 from .tcp.flow import (
     FinReceived,
@@ -29,6 +37,7 @@ from .tcp.flow import (
     TricklePolicy,
 )
 from .tcp.segment import MalformedSegment, build_packet, parse_packet_untrusted
+from .tcp.seq import seq_diff
 from .tcp.snapshot import FlowKey, FlowSnapshot
 
 log = logging.getLogger(__name__)
@@ -38,6 +47,17 @@ class Sender(Protocol):
     """Destination of the shield's packets: a raw socket, or a list in tests."""
 
     def send(self, packet: bytes, version: int, dst: str) -> bool: ...
+
+
+class AckJournal(Protocol):
+    """Durable record of absorbed bytes, which must be committed before ACKs."""
+
+    def record_data(self, key: FlowKey, seq: int, payload: bytes) -> None: ...
+    def record_acked(self, key: FlowKey, state: AckedState) -> None: ...
+    def commit(self) -> None: ...
+    def is_durable(self, key: FlowKey) -> bool:
+        """Return True when every record of the flow so far is committed."""
+        ...
 
 
 @dataclass
@@ -50,6 +70,8 @@ class ShieldCounters:
     released: int = 0
     acks_sent: int = 0
     send_errors: int = 0
+    acks_withheld: int = 0
+    """ACKs never sent because the journal could not be written."""
 
 
 class Shield:
@@ -62,7 +84,16 @@ class Shield:
         limits: FlowLimits | None = None,
         trickle: TricklePolicy | None = None,
         max_held_packets: int = 4096,
+        journal: AckJournal | None = None,
+        commit_interval_s: float = 0.005,
+        commit_max_acks: int = 1024,
     ) -> None:
+        """Create a shield that sends through SENDER.
+
+        With JOURNAL set, ACKs wait for a journal commit. A batch of packets is
+        committed at the latest COMMIT_INTERVAL_S after its first held ACK or
+        once COMMIT_MAX_ACKS ACKs are held, even if the queue never runs empty.
+        """
         self.flows: dict[FlowKey, ShieldFlow] = {}
         self.counters = ShieldCounters()
         self._sender = sender
@@ -75,6 +106,12 @@ class Shield:
         self._passthrough: set[FlowKey] = set()
         self._announced: set[FlowKey] = set()
         self._held_total = 0
+        self._journal = journal
+        self._commit_interval_s = commit_interval_s
+        self._commit_max_acks = commit_max_acks
+        # ACKs waiting for the next journal commit, in the order they were made
+        self._unsent: list[tuple[ShieldFlow, Transmit]] = []
+        self._unsent_since: float | None = None
 
     def configure(self, limits: FlowLimits, trickle: TricklePolicy | None) -> None:
         """Set the limits and window policy of flows added from now on."""
@@ -100,6 +137,7 @@ class Shield:
         self._held_total -= len(held)
         for packet in held:
             self.handle_packet(packet, now)
+        self.flush(now)
         return flow
 
     def handover(self, key: FlowKey, now: float) -> FlowHandover:
@@ -107,7 +145,8 @@ class Shield:
         flow = self._flow(key)
         handover, final_ack = flow.handover(now)
         if final_ack is not None:
-            self._send(final_ack)
+            self._send(final_ack, flow)
+            self.flush(now)
         log.info(
             "handing over %s: %d bytes acknowledged, %d discarded, fin %s, reset %s",
             key,
@@ -136,8 +175,10 @@ class Shield:
         self._send(
             flow.release_update(
                 now, rcv_nxt=restored_rcv_nxt, right_edge=restored_right_edge
-            )
+            ),
+            flow,
         )
+        self.flush(now)
         self._announced.add(key)
 
     def release(
@@ -167,8 +208,10 @@ class Shield:
                     now,
                     rcv_nxt=restored_rcv_nxt,
                     right_edge=flow.right_edge if edge is None else edge,
-                )
+                ),
+                flow,
             )
+            self.flush(now)
         held = self._held.pop(key, [])
         self._held_total -= len(held)
         for packet in held:
@@ -204,15 +247,29 @@ class Shield:
         if flow is None or flow.state is FlowState.HANDED_OVER:
             self._hold(key, packet)
             return
+        absorbed_before = flow.stats.bytes_absorbed
         actions = flow.receive(segment, now)
         packet.drop()
+        if self._journal is not None and flow.stats.bytes_absorbed > absorbed_before:
+            # Only bytes up to the right edge can ever be acknowledged; the
+            # flow dropped the rest.
+            keep = max(0, seq_diff(flow.right_edge, segment.seq))
+            self._journal.record_data(key, segment.seq, segment.payload[:keep])
         for action in actions:
             if isinstance(action, Transmit):
-                self._send(action)
+                self._send(action, flow)
             elif isinstance(action, ResetReceived):
                 log.info("peer reset %s during the freeze", key)
             elif isinstance(action, FinReceived):
                 log.info("peer closed %s during the freeze (FIN)", key)
+        if self._unsent:
+            if self._unsent_since is None:
+                self._unsent_since = now
+            if (
+                len(self._unsent) >= self._commit_max_acks
+                or now - self._unsent_since >= self._commit_interval_s
+            ):
+                self.flush(now)
 
     def next_deadline(self) -> float | None:
         """Earliest time a flow wants :meth:`on_timer` to run, if any."""
@@ -227,7 +284,8 @@ class Shield:
                 continue
             for action in flow.on_deadline(now):
                 if isinstance(action, Transmit):
-                    self._send(action)
+                    self._send(action, flow)
+        self.flush(now)
 
     async def run_timers(self, tick_s: float = 0.05) -> None:
         """Call :meth:`on_timer` at each flow deadline until cancelled."""
@@ -250,7 +308,38 @@ class Shield:
         self._held_total += 1
         self.counters.held += 1
 
-    def _send(self, transmit: Transmit) -> None:
+    def flush(self, now: float) -> None:
+        """Commit the journal, then send the ACKs that waited for it.
+
+        Each flow with a waiting ACK first gets a journal record of the state
+        its ACKs show. ACKs of a flow whose journal failed are not sent: the
+        peer keeps its bytes and sends them again.
+        """
+        if not self._unsent:
+            return
+        unsent, self._unsent = self._unsent, []
+        self._unsent_since = None
+        journal = self._journal
+        assert journal is not None
+        last: dict[FlowKey, tuple[ShieldFlow, Transmit]] = {}
+        for flow, transmit in unsent:
+            last[flow.key] = (flow, transmit)
+        for key, (flow, transmit) in last.items():
+            journal.record_acked(key, _acked_state(flow, transmit, now))
+        journal.commit()
+        for flow, transmit in unsent:
+            if journal.is_durable(flow.key):
+                self._transmit(transmit)
+            else:
+                self.counters.acks_withheld += 1
+
+    def _send(self, transmit: Transmit, flow: ShieldFlow) -> None:
+        if self._journal is None:
+            self._transmit(transmit)
+        else:
+            self._unsent.append((flow, transmit))
+
+    def _transmit(self, transmit: Transmit) -> None:
         segment = transmit.segment
         if self._sender.send(build_packet(segment), segment.version, segment.dst):
             self.counters.acks_sent += 1
@@ -266,7 +355,23 @@ class Shield:
             totals.update(flow.stats.as_dict())
         totals["packets"] = self.counters.packets
         totals["acks_sent_engine"] = self.counters.acks_sent
+        totals["acks_withheld"] = self.counters.acks_withheld
         totals["held"] = self._held_total
         for reason, count in self.counters.dropped.items():
             totals[f"dropped_{reason}"] = count
         return dict(totals)
+
+
+def _acked_state(flow: ShieldFlow, transmit: Transmit, now: float) -> AckedState:
+    """Return what FLOW's ACKs show the peer, TRANSMIT being the last of them."""
+    timestamp = transmit.segment.options.timestamp
+    # The flow echoes 0 until it has seen a TSval of the peer, so 0 means none.
+    ts_recent = timestamp[1] if timestamp is not None and timestamp[1] else None
+    return AckedState(
+        ack=flow.ack_sent,
+        right_edge=flow.right_edge,
+        tsval=flow.tsval_at(now),
+        tsval_at=now,
+        ts_recent=ts_recent,
+        fin=flow.fin_received,
+    )

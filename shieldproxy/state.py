@@ -1,9 +1,11 @@
 """Frozen flows saved across a daemon restart.
 
-On SIGTERM during a freeze the daemon acknowledges what it holds, then writes
-each flow of a frozen scope into ``STATE_DIR/<scope>/``: a hand-over file pair
-(the bytes absorbed so far) and the flow's original snapshot. The next start
-reads them back and answers again from where the first process stopped.
+With ``durability: memory``, on SIGTERM during a freeze the daemon acknowledges
+what it holds, then writes each flow of a frozen scope into
+``STATE_DIR/<scope>/``: a hand-over file pair (the bytes absorbed so far) and
+the flow's original snapshot. The next start reads them back and answers again
+from where the first process stopped. With ``durability: journal`` the
+scope's journal (:mod:`shieldproxy.journal`) holds the same, all the time.
 """
 
 from __future__ import annotations
@@ -156,6 +158,19 @@ def continuation(
 
 def remove_scope(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_saved_flows(folder: Path, keep_prefix: str) -> None:
+    """Delete the files save_flow and save_scope wrote into FOLDER.
+
+    Files whose name starts with KEEP_PREFIX stay. The scope marker goes
+    first, so an interrupted removal leaves no scope that load_scope would
+    read as complete.
+    """
+    (folder / SCOPE_FILE).unlink(missing_ok=True)
+    for path in folder.iterdir():
+        if not path.name.startswith(keep_prefix) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def _write(path: Path, text: str) -> None:
