@@ -24,8 +24,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import errno
 import hashlib
+import importlib
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -64,6 +67,7 @@ from .state import (
     snapshot_from_document,
 )
 from .tcp.flow import FlowHandover, FlowState
+from .tcp.seq import seq_add, seq_lt
 from .tcp.snapshot import FlowKey, FlowSnapshot
 
 log = logging.getLogger(__name__)
@@ -71,7 +75,7 @@ log = logging.getLogger(__name__)
 # Chains of the daemon are named SP-d-<scope tag>, so a restart can find and
 # remove the ones a crashed daemon left behind without touching other users.
 CHAIN_TAG_PREFIX = "d-"
-WATCH_INTERVAL_S = 0.005
+WATCH_INTERVAL_S = 0.002
 """How often a freeze's image watch looks for new tcp-stream images."""
 WATCH_TIMEOUT_S = 600.0
 """How long an image watch runs at most; the post-dump stage ends it sooner."""
@@ -99,6 +103,12 @@ class ScopeRuntime:
     handed_over_bytes: dict[FlowKey, int] = field(default_factory=dict)
     watch_generation: int = 0
     """Bumped to stop the running image watch, see Daemon.freeze."""
+    restoring_into: Path | None = None
+    """Folder of a thaw that kept answering; the restore is under way."""
+    in_images: dict[FlowKey, int] = field(default_factory=dict)
+    """Bytes of each flow that such a thaw wrote into the images."""
+    final: dict[FlowKey, FlowHandover] = field(default_factory=dict)
+    """Each flow's final hand-over, kept for a restore that is tried again."""
 
 
 @dataclass
@@ -524,11 +534,16 @@ class Daemon:
                 )
             if command == "thaw":
                 return self.thaw(
-                    _text(request, "scope"), Path(_text(request, "out_dir"))
+                    _text(request, "scope"),
+                    Path(_text(request, "out_dir")),
+                    keep_answering=bool(request.get("keep_answering", False)),
+                    requester_pid=request.get("requester_pid"),
                 )
             if command == "announce":
                 return self.announce(
-                    _text(request, "scope"), request.get("restored", {})
+                    _text(request, "scope"),
+                    request.get("restored", {}),
+                    restored_pid=request.get("restored_pid"),
                 )
             if command == "release":
                 return self.release(
@@ -680,8 +695,14 @@ class Daemon:
         generation: int,
     ) -> None:
         """Add each pending flow once CRIU has written its tcp-stream image."""
-        from .criu.images import ImageError, read_stream_snapshot, stream_image_name
-
+        # pycriu takes about 0.1 s to import, which the first flow must not wait
+        # for: the peers' packets are held from now on.
+        images = await trio.to_thread.run_sync(
+            importlib.import_module, "shieldproxy.criu.images"
+        )
+        ImageError = images.ImageError
+        read_stream_snapshot = images.read_stream_snapshot
+        stream_image_name = images.stream_image_name
         name = runtime.config.name
         log.info("scope %s: watching %s for %d flows", name, image_dir, len(pending))
         deadline = time.monotonic() + WATCH_TIMEOUT_S
@@ -717,12 +738,36 @@ class Daemon:
                 ", ".join(str(key) for key in pending.values()),
             )
 
-    def thaw(self, name: str, out_dir: Path) -> dict[str, Any]:
-        """Hand every flow of the scope over and write one file pair per flow."""
+    def thaw(
+        self,
+        name: str,
+        out_dir: Path,
+        *,
+        keep_answering: bool = False,
+        requester_pid: Any = None,
+    ) -> dict[str, Any]:
+        """Hand every flow of the scope over and write one file pair per flow.
+
+        With KEEP_ANSWERING the files hold what the flows acknowledged so far,
+        and the shield goes on answering until ``announce`` gives the rest
+        straight to the restored sockets. That needs the restored processes in
+        this daemon's PID namespace, which REQUESTER_PID (the caller, running
+        beside CRIU) shows; without it this is a plain thaw. Thawing a scope
+        whose final hand-over is done writes that hand-over again, for a
+        restore that is tried again.
+        """
         runtime = self._runtime(name)
+        if runtime.state is ScopeState.HANDED_OVER and runtime.final:
+            files = [
+                str(save_handover(handover, out_dir, time.monotonic()))
+                for _, handover in sorted(runtime.final.items())
+            ]
+            return {"scope": name, "handovers": files, "keep_answering": False}
         if runtime.state is not ScopeState.FROZEN:
             raise ControlError(f"scope {name!r} is {runtime.state.value}, not frozen")
         assert self.shield is not None
+        if keep_answering and _same_pid_namespace(requester_pid):
+            return self._thaw_answering(runtime, out_dir)
         files = []
         for key in sorted(runtime.flows):
             now = time.monotonic()
@@ -738,23 +783,145 @@ class Daemon:
         log.info("handed over scope %s: %d flows to %s", name, len(files), out_dir)
         return {"scope": name, "handovers": files}
 
+    def _thaw_answering(self, runtime: ScopeRuntime, out_dir: Path) -> dict[str, Any]:
+        assert self.shield is not None
+        files = []
+        for key in sorted(runtime.flows):
+            now = time.monotonic()
+            handover = self.shield.handover_so_far(key, now)
+            carried = runtime.carried.get(key)
+            if carried is not None:
+                handover = dataclasses.replace(
+                    handover, start_seq=carried[0], data=carried[1] + handover.data
+                )
+            runtime.in_images[key] = len(handover.data)
+            files.append(str(save_handover(handover, out_dir, now)))
+        runtime.restoring_into = out_dir
+        log.info(
+            "handed over scope %s so far: %d flows to %s, still answering",
+            runtime.config.name,
+            len(files),
+            out_dir,
+        )
+        return {
+            "scope": runtime.config.name,
+            "handovers": files,
+            "keep_answering": True,
+        }
+
+    def _finish_restoring(
+        self,
+        runtime: ScopeRuntime,
+        restored: dict[str, dict[str, int]],
+        restored_pid: Any,
+    ) -> dict[str, dict[str, int]]:
+        """Stop answering and give each restored socket the bytes that came since.
+
+        Returns the restored windows after the top-up, by flow.
+
+        Raises:
+            ControlError: a restored socket is missing or refused its bytes;
+                the final hand-over is kept, so a second restore gets it all.
+        """
+        assert self.shield is not None and runtime.restoring_into is not None
+        name = runtime.config.name
+        folder = runtime.restoring_into
+        for key in sorted(runtime.flows):
+            now = time.monotonic()
+            handover = self._handover(runtime, key, now)
+            runtime.final[key] = handover
+            runtime.handed_over_bytes[key] = len(handover.data)
+            save_handover(handover, folder, now)
+        if self.journals is not None:
+            # from here the hand-over files hold the bytes
+            self.journals.mark_thawed(name)
+            self.journals.commit()
+        runtime.state = ScopeState.HANDED_OVER
+        runtime.restoring_into = None
+        self._sample_metrics()
+        if isinstance(restored_pid, bool) or not isinstance(restored_pid, int):
+            raise ControlError(
+                "invalid request: 'restored_pid' must be the restored tree's PID "
+                "after a thaw that kept answering"
+            )
+        try:
+            return self._top_up(runtime, restored, restored_pid)
+        except OSError as exc:
+            log.error("scope %s: topping up the restored sockets failed: %s", name, exc)
+            raise ControlError(
+                f"giving the restored sockets their last bytes failed: {exc}; "
+                "restore again, the hand-over files now hold every byte"
+            ) from None
+
+    def _top_up(
+        self,
+        runtime: ScopeRuntime,
+        restored: dict[str, dict[str, int]],
+        restored_pid: int,
+    ) -> dict[str, dict[str, int]]:
+        from .kernel.topup import TopUpError, restored_sockets, top_up
+        from .tcp.flow import restore_tsval
+
+        keys = set(runtime.final)
+        sockets = restored_sockets(restored_pid, keys)
+        try:
+            missing = sorted(str(key) for key in keys - set(sockets))
+            if missing:
+                raise TopUpError(
+                    errno.ENOENT,
+                    f"restored process {restored_pid} has no socket for {missing}",
+                )
+            windows: dict[str, dict[str, int]] = {}
+            for key, handover in sorted(runtime.final.items()):
+                written = runtime.in_images.get(key, 0)
+                window = restored.get(str(key), {})
+                edge = int(window.get("right_edge", handover.right_edge))
+                if seq_lt(edge, handover.right_edge):
+                    edge = handover.right_edge
+                rcv_nxt, right_edge = top_up(
+                    sockets[key],
+                    key=key,
+                    expected_rcv_nxt=seq_add(handover.start_seq, written),
+                    data=handover.data[written:],
+                    right_edge=edge,
+                    tsval_floor=restore_tsval(
+                        handover.tsval, time.monotonic(), time.monotonic()
+                    ),
+                )
+                windows[str(key)] = {"rcv_nxt": rcv_nxt, "right_edge": right_edge}
+        finally:
+            for sock in sockets.values():
+                sock.close()
+        return windows
+
     def announce(
-        self, name: str, restored: dict[str, dict[str, int]]
+        self,
+        name: str,
+        restored: dict[str, dict[str, int]],
+        *,
+        restored_pid: Any = None,
     ) -> dict[str, Any]:
         """Send the restored sockets' windows while still holding the peers' packets.
 
         Call it once the sockets are restored but still in repair mode (CRIU's
         post-restore stage), then ``release`` once repair is off: Linux did not
         acknowledge data that reached a socket in repair mode until the peer
-        retransmitted it. The container's own packets pass from here on.
+        retransmitted it. The container's own packets pass from here on. After
+        a thaw that kept answering, this first stops answering and appends what
+        came since to the sockets of RESTORED_PID's tree.
         """
         runtime = self._runtime(name)
+        if not isinstance(restored, dict):
+            raise ControlError("invalid request: 'restored' must map flows to windows")
+        if runtime.state is ScopeState.FROZEN and runtime.restoring_into is not None:
+            restored = {
+                **restored,
+                **self._finish_restoring(runtime, restored, restored_pid),
+            }
         if runtime.state is not ScopeState.HANDED_OVER:
             raise ControlError(
                 f"scope {name!r} is {runtime.state.value}, not handed over"
             )
-        if not isinstance(restored, dict):
-            raise ControlError("invalid request: 'restored' must map flows to windows")
         assert self.shield is not None
         announced = []
         for key in sorted(runtime.flows):
@@ -772,7 +939,7 @@ class Daemon:
         log.info(
             "announced restored windows of scope %s: %d flows", name, len(announced)
         )
-        return {"scope": name, "announced": announced}
+        return {"scope": name, "announced": announced, "windows": restored}
 
     def release(
         self,
@@ -806,6 +973,9 @@ class Daemon:
             runtime.flows.clear()
             runtime.snapshots.clear()
             runtime.carried.clear()
+            runtime.restoring_into = None
+            runtime.in_images.clear()
+            runtime.final.clear()
             if self.journals is not None:
                 self.journals.close(scope_name, remove=True)
             remove_scope(scope_folder(self.config.state_dir, scope_name))
@@ -893,3 +1063,15 @@ def _text(request: dict[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value:
         raise ControlError(f"invalid request: {name!r} must be a non-empty string")
     return value
+
+
+def _same_pid_namespace(pid: Any) -> bool:
+    """Return True when process PID shares this daemon's PID namespace."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/pid").st_ino
+        ours = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return False
+    return theirs == ours

@@ -157,6 +157,10 @@ class Shield:
         )
         return handover
 
+    def handover_so_far(self, key: FlowKey, now: float) -> FlowHandover:
+        """Return what a flow has acknowledged so far; it goes on answering."""
+        return self._flow(key).handover_so_far(now)
+
     def announce(
         self,
         key: FlowKey,

@@ -8,12 +8,13 @@ takes its settings from the environment (``SHIELDPROXY_SOCKET``,
 requests to the shield daemon (gateway or sidecar):
 
 - ``pre-dump`` and ``network-lock``: freeze every scope that covers a TCP
-  socket of the dumped tree's network namespace, before CRIU puts any socket
-  into repair mode. The daemon holds the peers' packets until it knows the
-  flows, and watches the image folder for each socket's tcp-stream image,
-  which CRIU writes early in the dump, so it answers within milliseconds of
-  the socket's dump. The scope names go into a folder beside the images, so
-  the restore stages find them, also on another host.
+  socket of the dumped tree's network namespace. From here the daemon holds
+  the peers' packets, so none is lost to CRIU's own lock, and it watches the
+  image folder for each socket's tcp-stream image, which CRIU writes as soon
+  as it has stopped the socket; it answers from then on, some tens of
+  milliseconds after this stage for a small tree. The scope names go into a
+  folder beside the images, so the restore stages find them, also on another
+  host.
 - ``post-dump``: read every TCP flow from the complete images and hand the
   snapshots to the daemon, which adds those the watch missed.
 - ``pre-restore``: thaw the scopes into the folder beside the images, then
@@ -23,7 +24,10 @@ requests to the shield daemon (gateway or sidecar):
   copied to a backup folder before its first change, and every rewrite starts
   from that copy, so a second restore attempt writes the same images.
 - ``post-restore``: announce the restored windows. The sockets are still in
-  repair mode, so the held packets stay held.
+  repair mode, so the held packets stay held. The thaw at ``pre-restore`` let
+  the shield answer on while CRIU restored, so the daemon now stops answering
+  and appends what it acknowledged since to the restored sockets, through
+  TCP_REPAIR, when they are in its PID namespace.
 - ``pre-resume``: release. CRIU 4.2 has switched repair mode off by then and
   resumes the tasks right after. ``network-unlock`` releases nothing, because
   CRIU runs it before it switches repair off, and Linux 6.18 did not
@@ -400,16 +404,27 @@ def _pre_restore(context: HookContext) -> str:
 def _thaw(context: HookContext, name: str) -> list[tuple[FlowHandover, float]]:
     folder = context.shield_dir / f"handover-{name}"
     marker = folder / COMPLETE_FILE
-    if not marker.exists():
-        reply = call(
-            context.socket_path,
-            {"command": "thaw", "scope": name, "out_dir": str(folder)},
-        )
+    request: dict[str, Any] = {
+        "command": "thaw",
+        "scope": name,
+        "out_dir": str(folder),
+        # The shield answers on while CRIU restores, and gives the restored
+        # sockets what came since at post-restore, if it can reach them.
+        "keep_answering": True,
+        "requester_pid": os.getpid(),
+    }
+    try:
+        reply = call(context.socket_path, request)
+    except DaemonNotRunning:
+        raise
+    except ControlError:
+        if not marker.exists():
+            raise
+        # A second restore attempt after an earlier plain thaw.
+        log.info("reusing the hand-over files in %s", folder)
+    else:
         files = [Path(path).name for path in reply["handovers"]]
         _write_json(marker, {"handovers": files})
-    else:
-        # A second restore attempt: the shield handed the flows over already.
-        log.info("reusing the hand-over files in %s", folder)
     try:
         files = json.loads(marker.read_text())["handovers"]
     except (ValueError, KeyError, TypeError) as exc:
@@ -518,11 +533,18 @@ def _post_restore(context: HookContext) -> str:
     restored = _restored_windows(context)
     announced = 0
     for name in names:
-        reply = call(
-            context.socket_path,
-            {"command": "announce", "scope": name, "restored": restored},
-        )
+        request: dict[str, Any] = {
+            "command": "announce",
+            "scope": name,
+            "restored": restored,
+        }
+        if context.init_pid is not None:
+            request["restored_pid"] = context.init_pid
+        reply = call(context.socket_path, request)
         announced += len(reply["announced"])
+        restored.update(reply.get("windows", {}))
+    # the release announces these windows too, after any top-up
+    _write_json(context.shield_dir / RESTORED_FILE, restored)
     pending = _pending_file(context)
     if pending is not None:
         _write_json(pending, {"image_dir": str(context.image_dir)})

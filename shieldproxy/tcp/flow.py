@@ -424,6 +424,18 @@ class ShieldFlow:
             if self._last_ack < self._buffer.contiguous_end:
                 final_ack = self._ack(now, "handover", ack_all=True)
             self.state = FlowState.HANDED_OVER
+        return self._handover_state(now, reset=state is FlowState.RESET), final_ack
+
+    def handover_so_far(self, now: float) -> FlowHandover:
+        """Return what the shield has acknowledged so far, and go on answering.
+
+        A restore that starts before the flow stops answering takes these bytes
+        first; a later :meth:`handover` returns them again at the start of its
+        data, followed by what came since.
+        """
+        return self._handover_state(now, reset=self.state is FlowState.RESET)
+
+    def _handover_state(self, now: float, *, reset: bool) -> FlowHandover:
         data_end = max(0, min(self._last_ack, self._buffer.contiguous_end))
         data = self._buffer.prefix(data_end)
         fin_acked = (
@@ -431,19 +443,18 @@ class ShieldFlow:
             and self._fin_delivered
             and self._last_ack > self._fin_offset
         )
-        handover = FlowHandover(
+        return FlowHandover(
             key=self.key,
             start_seq=self._base,
             data=data,
             rcv_nxt=seq_add(self._base, len(data)),
             fin=fin_acked,
-            reset=state is FlowState.RESET,
+            reset=reset,
             right_edge=self.right_edge,
             tsval=self.tsval_at(now),
             ts_recent=self._ts_recent,
             discarded_bytes=self._buffer.buffered_bytes - len(data),
         )
-        return handover, final_ack
 
     def release_update(self, now: float, *, rcv_nxt: int, right_edge: int) -> Transmit:
         """Build a window update announcing the restored socket's receive window.

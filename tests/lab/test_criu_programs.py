@@ -244,9 +244,10 @@ def both_runs(tmp_path, program):
 def check_shield_difference(shielded_view, baseline_view):
     # CRIU's lock leaves the peer to back off its RTO, about 7 times in 30 s
     assert baseline_view["rto_timeouts"] >= 5
-    # NOTE: the shield hands the flows over at pre-restore and answers again
-    # only after CRIU turns repair off, about 0.4 s later, so a peer with
-    # unacknowledged data may time out once in that gap.
+    # NOTE: from pre-dump until CRIU has written a socket's image (about
+    # 0.15 s for these small trees) the shield holds the peer's packets
+    # without answering. On a loaded machine that can pass the peer's 200 ms
+    # minimum RTO, hence one timeout is tolerated.
     assert shielded_view["rto_timeouts"] <= 1
     assert shielded_view["resume_gap_s"] is not None
 

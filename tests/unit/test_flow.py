@@ -321,6 +321,21 @@ def test_handover_stops_answering():
     assert flow.stats.after_handover == 1
 
 
+def test_handover_so_far_keeps_answering():
+    flow = ShieldFlow(snapshot())
+    flow.receive(peer(0, b"a" * 10), now=10.0)
+    early = flow.handover_so_far(now=10.0)
+    assert early.data == b"a" * 10
+    assert early.start_seq == RCV_NXT
+    # the flow still acknowledges what comes after the early hand-over
+    reply = only_transmit(flow.receive(peer(10, b"b" * 5), now=10.5))
+    assert reply.segment.ack == seq_add(RCV_NXT, 15)
+    final, _ = flow.handover(now=11.0)
+    assert final.data == b"a" * 10 + b"b" * 5
+    assert final.data.startswith(early.data)
+    assert final.start_seq == early.start_seq
+
+
 def test_window_scale_rounding_never_retracts_edge():
     wscale = 7
     flow = ShieldFlow(snapshot(window=128 * 100, wscale=wscale))
