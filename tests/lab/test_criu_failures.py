@@ -76,9 +76,10 @@ def test_corrupt_image_fails_then_retry_succeeds(running):
     assert str(stream) in log_text
     assert "truncated" in log_text
     assert "the restore can be tried again" in log_text
-    # the shield still holds what it absorbed, and the hand-over files are kept
+    # the shield still answers and keeps what it absorbed, and the hand-over
+    # files are kept
     status = json.loads(daemon.cli("status").stdout)
-    assert status["scopes"]["app"]["state"] == "handed-over"
+    assert status["scopes"]["app"]["state"] == "frozen"
     handover = images / "shieldproxy" / "handover-app"
     assert (handover / "complete.json").exists()
 
