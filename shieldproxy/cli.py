@@ -88,8 +88,46 @@ def build_parser() -> argparse.ArgumentParser:
         "check-pcap", help="check a capture against the shield's invariants"
     )
     check.add_argument("args", nargs=argparse.REMAINDER, help="see check-pcap --help")
+    _add_bench_command(sub)
     _add_daemon_commands(sub)
     return parser
+
+
+def _add_bench_command(sub: Any) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="compare the shield with CRIU's drop lock in a lab (root, from a "
+        "checkout)",
+    )
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick",
+        dest="preset",
+        action="store_const",
+        const="quick",
+        default="default",
+        help="run a reduced set that takes under two minutes",
+    )
+    size.add_argument(
+        "--long",
+        dest="preset",
+        action="store_const",
+        const="long",
+        help="add a 300 s freeze and the survival scenario (about an hour)",
+    )
+    bench.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/bench"),
+        help="folder for results.json, results.md and plots (default results/bench)",
+    )
+    bench.add_argument(
+        "--scenario",
+        action="append",
+        metavar="NAME",
+        help="run only this scenario (repeatable): resume_gap, survival, overhead, "
+        "absorb, engage, handover, memory",
+    )
 
 
 DEFAULT_CONTROL_SOCKET = Path("/run/shieldproxy/control.sock")
@@ -145,6 +183,14 @@ def _add_daemon_commands(sub: Any) -> None:
         help="restored receive window of a flow, as 'shieldproxy flows' names it "
         "(repeatable)",
     )
+    hook = control(
+        "criu-hook",
+        "CRIU action script: freeze, hand over and release a scope as CRIU dumps "
+        "and restores the container",
+    )
+    hook.add_argument(
+        "--scope", help="scope the container's flows are in (or SHIELDPROXY_SCOPE)"
+    )
     release = control("release", "let held packets through and remove rules")
     release.add_argument("--scope", help="only this scope (default: all)")
     release.add_argument(
@@ -171,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         return schema_main()
     if args.command in ("freeze", "thaw", "status", "flows", "announce", "release"):
         return _control(args)
+    if args.command == "criu-hook":
+        return _criu_hook(args)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "check-pcap":
         from .pcapcheck import main as pcap_main
 
@@ -224,6 +274,20 @@ class _JsonFormatter(logging.Formatter):
                 "message": record.getMessage(),
             }
         )
+
+
+def _criu_hook(args: argparse.Namespace) -> int:
+    from .config import ConfigError, ShieldConfig, load_config
+    from .criu.hook import hook_main
+
+    socket_path = args.socket
+    try:
+        if args.config is not None:
+            socket_path = load_config(args.config, ShieldConfig).control.socket_path
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return hook_main(args.scope, socket_path)
 
 
 def _control(args: argparse.Namespace) -> int:
@@ -336,6 +400,29 @@ def _demo(args: argparse.Namespace) -> int:
         print(format_errors(Path("(command line)"), exc), file=sys.stderr)
         return 2
     return demo_main(settings, json_path=args.json, keep_dir=args.keep)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run the benchmark runner of the checkout this package was installed from.
+
+    The runner lives in ``bench/`` next to the package and is not installed,
+    so it is found from this file's location, as an editable install has it.
+    """
+    import importlib
+
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "bench" / "runner.py").is_file():
+        print(
+            f"shieldproxy bench: {checkout / 'bench'} not found; the benchmarks run "
+            "from a source checkout installed with 'pip install -e'",
+            file=sys.stderr,
+        )
+        return 2
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    runner = importlib.import_module("bench.runner")
+    status: int = runner.run(args.preset, args.out, args.scenario)
+    return status
 
 
 def _lab(args: argparse.Namespace) -> int:

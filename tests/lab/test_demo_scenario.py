@@ -1,6 +1,5 @@
 """End-to-end checkpoints of a streaming connection, with real Linux TCP peers."""
 
-import json
 import signal
 import subprocess
 import sys
@@ -150,19 +149,3 @@ def test_demo_interrupted_leaves_nothing(signum):
             demo.wait()
     assert demo.returncode != 0
     assert leftovers(lab_id) == []
-
-
-def test_resume_gap_benchmark_smoke(tmp_path):
-    script = Path(__file__).resolve().parents[2] / "bench" / "resume_gap.py"
-    completed = subprocess.run(
-        [sys.executable, str(script), "--freezes", "1", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    report = json.loads((tmp_path / "results.json").read_text())
-    modes = [row["mode"] for row in report["runs"]]
-    assert modes == ["shielded", "baseline"]
-    assert all(row["integrity"] == "ok" for row in report["runs"])
-    assert "| 1 s | shielded |" in (tmp_path / "results.md").read_text()
