@@ -40,7 +40,7 @@ import trio
 from .config import ConfigError, ScopeConfig, ShieldConfig, load_config
 from .control import ControlError
 from .control_server import serve_control
-from .handover import save_handover
+from .handover import peer_close_segment, save_handover
 from .journal import (
     JOURNAL_FILE,
     JournalError,
@@ -67,6 +67,7 @@ from .state import (
     snapshot_from_document,
 )
 from .tcp.flow import FlowHandover, FlowState
+from .tcp.segment import build_packet
 from .tcp.seq import seq_add, seq_lt
 from .tcp.snapshot import FlowKey, FlowSnapshot
 
@@ -226,6 +227,8 @@ class Daemon:
                     self._sender,
                     limits=self.config.flow_limits(),
                     trickle=self.config.trickle_policy(),
+                    total_buffer_bytes=self.config.limits.total_buffer_bytes,
+                    max_flows=self.config.limits.max_flows,
                     journal=self.journals,
                 )
                 for queue in range(
@@ -314,7 +317,12 @@ class Daemon:
                          "changed", scope.name)  # fmt: skip
         self.config = kept
         if self.shield is not None:
-            self.shield.configure(kept.flow_limits(), kept.trickle_policy())
+            self.shield.configure(
+                kept.flow_limits(),
+                kept.trickle_policy(),
+                total_buffer_bytes=kept.limits.total_buffer_bytes,
+                max_flows=kept.limits.max_flows,
+            )
         log.info("reloaded %s: %d scopes", self.config_path, len(self.scopes))
 
     def _saved_scopes(self) -> dict[str, SavedScope]:
@@ -622,7 +630,7 @@ class Daemon:
             runtime.state = ScopeState.FROZEN
             runtime.frozen_at = frozen_at
             log.info("froze scope %s", name)
-        self._add_snapshots(runtime, snapshots)
+        rejected = self._add_snapshots(runtime, snapshots)
         writer = None if self.journals is None else self.journals.writer(name)
         if writer is not None and writer.failed:
             raise ControlError(
@@ -634,6 +642,14 @@ class Daemon:
             self._start_watch(runtime, watch)
         elif documents:
             runtime.watch_generation += 1
+        if rejected:
+            raise ControlError(
+                f"freeze of scope {name!r} shielded {len(runtime.flows)} flows but "
+                f"not {len(rejected)} more, such as {rejected[0]}: the shield "
+                f"already has limits.max_flows ({self.config.limits.max_flows}) "
+                "flows. Raise limits.max_flows or release another scope, then "
+                "freeze again"
+            )
         return {
             "scope": name,
             "state": runtime.state.value,
@@ -643,9 +659,25 @@ class Daemon:
 
     def _add_snapshots(
         self, runtime: ScopeRuntime, snapshots: list[FlowSnapshot]
-    ) -> None:
+    ) -> list[FlowKey]:
+        """Shield the new flows up to limits.max_flows; return the rejected ones."""
         assert self.shield is not None
         new = [s for s in snapshots if s.key not in runtime.flows]
+        rejected: list[FlowKey] = []
+        max_flows = self.shield.max_flows
+        if max_flows is not None:
+            room = max(0, max_flows - len(self.shield.flows))
+            rejected = [snapshot.key for snapshot in new[room:]]
+            new = new[:room]
+        if rejected:
+            log.error(
+                "scope %s: %d flows not shielded, such as %s: the shield already "
+                "has limits.max_flows (%d) flows",
+                runtime.config.name,
+                len(rejected),
+                rejected[0],
+                max_flows,
+            )
         if self.journals is not None and new:
             # each flow's snapshot is on disk before anything is acknowledged
             name = runtime.config.name
@@ -657,6 +689,7 @@ class Daemon:
             runtime.flows.add(snapshot.key)
             runtime.snapshots[snapshot.key] = snapshot
         self._sample_metrics()
+        return rejected
 
     def _start_watch(self, runtime: ScopeRuntime, watch: Any) -> None:
         try:
@@ -727,8 +760,10 @@ class Daemon:
                     continue  # CRIU is still writing it
                 del pending[inode]
                 if runtime.watch_generation == generation:
-                    self._add_snapshots(runtime, [snapshot])
-                    log.info("scope %s: %s learned from %s", name, key, path.name)
+                    # a rejected flow is logged there, and its packets stay held
+                    # until they expire
+                    if not self._add_snapshots(runtime, [snapshot]):
+                        log.info("scope %s: %s learned from %s", name, key, path.name)
             await trio.sleep(WATCH_INTERVAL_S)
         if pending:
             log.info(
@@ -772,6 +807,7 @@ class Daemon:
         for key in sorted(runtime.flows):
             now = time.monotonic()
             handover = self._handover(runtime, key, now)
+            runtime.final[key] = handover
             runtime.handed_over_bytes[key] = len(handover.data)
             files.append(str(save_handover(handover, out_dir, now)))
         if self.journals is not None:
@@ -875,9 +911,13 @@ class Daemon:
             for key, handover in sorted(runtime.final.items()):
                 written = runtime.in_images.get(key, 0)
                 window = restored.get(str(key), {})
-                edge = int(window.get("right_edge", handover.right_edge))
-                if seq_lt(edge, handover.right_edge):
-                    edge = handover.right_edge
+                # one scale unit of slack, as restored_right_edge explains
+                snapshot = runtime.snapshots.get(key)
+                unit = 1 << (snapshot.rcv_wscale if snapshot is not None else 14)
+                floor = seq_add(handover.right_edge, unit)
+                edge = int(window.get("right_edge", floor))
+                if seq_lt(edge, floor):
+                    edge = floor
                 rcv_nxt, right_edge = top_up(
                     sockets[key],
                     key=key,
@@ -994,14 +1034,31 @@ class Daemon:
                 continue
             window = (restored or {}).get(str(key), {})
             flow = self.shield.flows[key]
+            tsecr = flow.tsval_at(now)
             self.shield.release(
                 key,
                 now,
                 restored_rcv_nxt=window.get("rcv_nxt"),
                 restored_right_edge=window.get("right_edge"),
             )
+            self._send_peer_close(runtime, key, tsecr)
             handed_over = runtime.handed_over_bytes.get(key, 0)
             self.metrics.flow_released(runtime.config.name, flow.stats, handed_over)
+
+    def _send_peer_close(self, runtime: ScopeRuntime, key: FlowKey, tsecr: int) -> None:
+        """Give a restored socket the peer's FIN or RST that the shield took."""
+        handover = runtime.final.get(key)
+        snapshot = runtime.snapshots.get(key)
+        if handover is None or snapshot is None or self._sender is None:
+            return
+        segment = peer_close_segment(handover, snapshot, tsecr=tsecr)
+        if segment is None:
+            return
+        packet = build_packet(segment)
+        if self._sender.send(packet, segment.version, segment.dst):
+            log.info("sent %s the peer's %s", key, "RST" if handover.reset else "FIN")
+        else:
+            log.error("sending %s the peer's FIN or RST failed", key)
 
     def status(self) -> dict[str, Any]:
         """Return per scope: state, flows, bytes absorbed, ACKs sent, freeze age."""

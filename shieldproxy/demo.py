@@ -333,6 +333,7 @@ async def run_scenario(
                     window_bytes=dump.rcv_wnd,
                     rcvbuf_bytes=dump.rcvbuf,
                     queued_bytes=len(dump.recv_queue) + len(handover.data),
+                    scale_unit=1 << (dump.rcv_wscale if dump.wscale_ok else 0),
                 )
                 request.update(
                     window_probe=False,

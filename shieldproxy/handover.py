@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from .tcp.flow import FlowHandover
+from .tcp.segment import ACK, FIN, RST, Segment, TcpOptions
 from .tcp.seq import seq_add, seq_lt
-from .tcp.snapshot import FlowKey
+from .tcp.snapshot import FlowKey, FlowSnapshot
 
 FORMAT = "shieldproxy-handover"
 VERSION = 1
@@ -111,7 +112,12 @@ def load_handover(path: Path) -> tuple[FlowHandover, float]:
 
 
 def restored_right_edge(
-    handover: FlowHandover, *, window_bytes: int, rcvbuf_bytes: int, queued_bytes: int
+    handover: FlowHandover,
+    *,
+    window_bytes: int,
+    rcvbuf_bytes: int,
+    queued_bytes: int,
+    scale_unit: int = 1,
 ) -> int:
     """Return the right edge to give a restored socket so the peer sends at once.
 
@@ -119,13 +125,51 @@ def restored_right_edge(
     dump, but no more than half the receive buffer left after the queued
     bytes. Linux advertises a zero window when its receive buffer is full, even
     if that moves the edge left, so a larger window would only be retracted.
-    The edge never falls below the one the shield showed.
+    The edge lies at least one SCALE_UNIT (1 << the socket's receive window
+    scale) past the one the shield showed, because the restored kernel rounds
+    its window to that unit from its own ACK numbers: the edges it advertises
+    may then fall short of this one by less than a unit, but never short of the
+    shield's.
     """
     free_bytes = max(0, rcvbuf_bytes - queued_bytes) // 2
     edge = seq_add(handover.rcv_nxt, min(window_bytes, free_bytes))
-    if seq_lt(edge, handover.right_edge):
-        return handover.right_edge
+    floor = seq_add(handover.right_edge, scale_unit)
+    if seq_lt(edge, floor):
+        return floor
     return edge
+
+
+def peer_close_segment(
+    handover: FlowHandover, snapshot: FlowSnapshot, *, tsecr: int
+) -> Segment | None:
+    """Build the peer's FIN or RST for a restored socket, or None if it had none.
+
+    The shield acknowledged the peer's FIN (or took its RST) in the container's
+    name, so the peer will not send it again, and the restored socket must get
+    it to reach EOF or a reset. It goes in after the release, at the end of the
+    handed-over bytes. The ACK is the container's snd_una at the dump, which
+    the restored socket also starts from, and the TSval is the peer's last.
+    """
+    if not (handover.fin or handover.reset):
+        return None
+    key = handover.key
+    timestamp = None
+    if snapshot.timestamps_ok and handover.ts_recent is not None:
+        timestamp = (handover.ts_recent, tsecr & 0xFFFFFFFF)
+    return Segment(
+        version=key.family,
+        src=key.peer_addr,
+        dst=key.container_addr,
+        sport=key.peer_port,
+        dport=key.container_port,
+        seq=handover.rcv_nxt,
+        ack=snapshot.snd_una,
+        flags=ACK | (RST if handover.reset else FIN),
+        # The peer's own window is not known here; about 64 KiB lets the
+        # container send its reply without a zero-window stall.
+        window=max(1, 0xFFFF >> snapshot.snd_wscale),
+        options=TcpOptions(timestamp=timestamp),
+    )
 
 
 def _field(document: dict[str, Any], path: Path, name: str, kind: Any) -> Any:

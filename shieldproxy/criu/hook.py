@@ -495,6 +495,7 @@ def restored_window(
         window_bytes=flow.rcv_wnd,
         rcvbuf_bytes=flow.rcvbuf,
         queued_bytes=flow.inq_len + len(handover.data),
+        scale_unit=1 << flow.rcv_wscale,
     )
     timestamp = None
     if flow.timestamps_ok:

@@ -75,7 +75,9 @@ def restored_sockets(root: int, keys: set[FlowKey]) -> dict[FlowKey, socket.sock
     of other flows are closed again at once.
 
     Raises:
-        TopUpError: ROOT does not exist or a descriptor cannot be taken.
+        TopUpError: ROOT does not exist in this PID namespace. Descriptors
+            that cannot be taken are skipped, so a missing key is missing
+            from the result.
     """
     if not Path(f"/proc/{root}").exists():
         raise TopUpError(
@@ -178,7 +180,8 @@ def top_up(
 
 def _grow_receive_buffer(sock: socket.socket, length: int, key: FlowKey) -> None:
     # The repair queue write fails with ENOBUFS once sk_rmem_alloc passes
-    # sk_rcvbuf, and CRIU restored the buffer size locked. Each 64 KiB skb was
+    # sk_rcvbuf, and CRIU sets the buffer size on restore, which stops the
+    # kernel from growing it. Each 64 KiB skb was
     # charged about 104 bytes beyond its data on Linux 6.18.
     queued = _ioctl_int(sock, SIOCINQ, "read SIOCINQ", str(key))
     needed = 2 * (queued + length) + 64 * 1024

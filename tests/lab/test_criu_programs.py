@@ -178,12 +178,12 @@ class Redis:
 
 
 class Socat:
-    def __init__(self, send_s=SEND_S):
+    def __init__(self, send_s=SEND_S, rate=512 * 1024):
         self.send_s = send_s
+        self.rate = rate
 
     name = "socat"
     port = 7000
-    rate = 512 * 1024
 
     def server_argv(self, created, work):
         self.received = work / "received.bin"
@@ -303,3 +303,31 @@ def test_socat_with_external_namespace(tmp_path):
     assert view["rto_timeouts"] <= 1
     dump_log = (tmp_path / "shielded" / "images" / "dump.log").read_text()
     assert "network-lock: froze scopes app" in dump_log
+
+
+def test_peer_closes_during_freeze(tmp_path):
+    """The peer sends its last byte and its FIN while the server is frozen."""
+    freeze_s = 10.0
+    # 16 KiB/s for 3 s fits the receive window (about 100 KiB here), so the
+    # shield takes the FIN during the freeze
+    program = Socat(send_s=WARMUP_S + 3.0, rate=16 * 1024)
+    scope = {"name": "app", "addresses": ["198.18.2.2"], "ports": [program.port]}
+    (tmp_path / "daemon").mkdir()
+    with lab() as created:
+        daemon = RunningDaemon(created, tmp_path / "daemon", scopes=[scope])
+        try:
+            result, view = run_checkpoint(
+                created,
+                daemon,
+                tmp_path / "shielded",
+                program,
+                shielded=True,
+                freeze_s=freeze_s,
+            )
+        finally:
+            daemon.stop()
+    # socat exits only after reading EOF, so the FIN reached the restored socket
+    assert result["checksum_matches"] is True
+    assert result["received_bytes"] == result["sent_bytes"]
+    log_text = (tmp_path / "daemon" / "daemon.log").read_text()
+    assert "the peer's FIN" in log_text

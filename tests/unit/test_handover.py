@@ -87,4 +87,14 @@ def test_restored_edge_never_below_shield_edge():
     edge = restored_right_edge(
         flow, window_bytes=10_000, rcvbuf_bytes=1000, queued_bytes=1000
     )
-    assert edge == flow.right_edge
+    assert edge == flow.right_edge + 1
+    scaled = restored_right_edge(
+        flow,
+        window_bytes=10_000,
+        rcvbuf_bytes=1000,
+        queued_bytes=1000,
+        scale_unit=128,
+    )
+    # one scale unit past the shield's edge, so rounding by the restored
+    # kernel never shows less than the shield did
+    assert scaled == flow.right_edge + 128
