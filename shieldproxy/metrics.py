@@ -27,6 +27,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .shield import DROP_REASONS
 from .tcp.flow import FlowState, FlowStats, ShieldFlow
 from .tcp.snapshot import FlowKey
 
@@ -44,7 +45,7 @@ SEGMENT_DROP_FIELDS = {
 }
 """Drop reason label of each per-flow FlowStats field counted as a dropped segment."""
 
-ENGINE_DROP_REASONS = ("malformed", "held-limit")
+ENGINE_DROP_REASONS = DROP_REASONS
 """Keys of ``Shield.counters.dropped``, exposed at zero before the first drop."""
 
 FROZEN_SCOPE_STATES = frozenset({"frozen", "handed-over"})

@@ -10,22 +10,32 @@ With a journal (:class:`AckJournal`) the shield holds its ACKs back: it
 journals the bytes it absorbed and the state its ACKs show, commits the
 journal once per batch of packets, and sends the ACKs only after the commit
 succeeded (group commit). :meth:`Shield.flush` ends a batch; the daemon calls
-it after each read from the queue, and the shield calls it itself after its
-timers and control operations.
+it after each batch read from the queue (see ``QueueBinding.serve``), and the
+shield calls it itself after its timers and control operations.
+
+Memory is bounded three ways. The bytes buffered by all flows together stay
+within ``total_buffer_bytes``: payload past it is cut off before the flow
+processes the segment, so it is never acknowledged and the peer sends it again later.
+``max_flows`` bounds the flows. Held packets share one pool (see
+:class:`HeldPackets`), in which one flow key holds at most a set number, and
+flows without a snapshot, which anyone can forge, never get the part reserved
+for flows waiting for their release. Each packet dropped or cut for a limit is
+counted in ``Shield.counters.dropped`` by reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
 
 from .journal import AckedState
-from .kernel.nfqueue import QueuedPacket
+from .kernel.nfqueue import DEFAULT_QUEUE_MAXLEN, QueuedPacket
 from .tcp.flow import (
     FinReceived,
     FlowHandover,
@@ -36,11 +46,51 @@ from .tcp.flow import (
     Transmit,
     TricklePolicy,
 )
-from .tcp.segment import MalformedSegment, build_packet, parse_packet_untrusted
+from .tcp.segment import (
+    FIN,
+    MalformedSegment,
+    Segment,
+    build_packet,
+    parse_packet_untrusted,
+)
 from .tcp.seq import seq_diff
 from .tcp.snapshot import FlowKey, FlowSnapshot
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_HELD_PACKETS = DEFAULT_QUEUE_MAXLEN // 2
+"""Size of the held-packet pool. A held packet takes a slot of the kernel's
+NFQUEUE (its queue-maxlen) until its verdict, so a pool as large as the queue
+would leave no slot for the packets of the flows it shields."""
+HELD_UNKNOWN_TIMEOUT_S = 10.0
+"""How long a packet of a flow without a snapshot is held before it is dropped.
+By then the peer has sent it again, because its retransmission timeout is far
+shorter (200 ms at least on Linux), so the slot is better spent on newer packets."""
+
+DROP_REASONS = (
+    "malformed",
+    "held-limit",
+    "held-flow-limit",
+    "held-unknown-limit",
+    "held-expired",
+    "total-buffer-limit",
+)
+"""Keys of ``ShieldCounters.dropped``:
+
+- malformed: not a TCP segment over IPv4 or IPv6.
+- held-limit: the held-packet pool was full.
+- held-flow-limit: the packet's flow already had its maximum of held packets.
+- held-unknown-limit: the part of the pool open to flows without a snapshot
+  was full.
+- held-expired: a packet of a flow without a snapshot waited longer than the
+  held timeout.
+- total-buffer-limit: a segment lost payload bytes, or all of them, because
+  the flows together already buffered ``total_buffer_bytes``.
+"""
+
+
+class FlowLimitError(ValueError):
+    """Adding a flow would exceed the shield's maximum number of flows."""
 
 
 class Sender(Protocol):
@@ -72,6 +122,102 @@ class ShieldCounters:
     send_errors: int = 0
     acks_withheld: int = 0
     """ACKs never sent because the journal could not be written."""
+    dropped_bytes: Counter[str] = field(default_factory=Counter)
+    """Payload bytes cut off by a limit, by drop reason."""
+
+
+class HeldPackets:
+    """Queued packets without a verdict yet, per flow key, in arrival order.
+
+    Packets of known flows (shielded flows that were handed over and wait for
+    their release) may fill the whole pool. Packets of unknown flows (no
+    snapshot yet) may use all but ``reserved`` slots, so forged or new flows
+    cannot keep a known flow's packets out. Each key has at most
+    ``max_per_flow`` packets, so one busy key cannot take a whole share.
+    """
+
+    def __init__(
+        self,
+        max_packets: int,
+        *,
+        max_per_flow: int,
+        reserved: int,
+        unknown_timeout_s: float,
+    ) -> None:
+        if max_packets < 1:
+            raise ValueError(
+                f"invalid max_held_packets {max_packets}: expected 1 or more"
+            )
+        if not 1 <= max_per_flow <= max_packets:
+            raise ValueError(
+                f"invalid max_held_per_flow {max_per_flow}: expected 1 to "
+                f"max_held_packets ({max_packets})"
+            )
+        if not 0 <= reserved < max_packets:
+            raise ValueError(
+                f"invalid reserved_held_packets {reserved}: expected 0 to "
+                f"max_held_packets - 1 ({max_packets - 1})"
+            )
+        if not unknown_timeout_s > 0:
+            raise ValueError(
+                f"invalid held_unknown_timeout_s {unknown_timeout_s!r}: expected "
+                "a number of seconds above 0"
+            )
+        self.max_packets = max_packets
+        self.max_per_flow = max_per_flow
+        self.reserved = reserved
+        self.unknown_timeout_s = unknown_timeout_s
+        self.total = 0
+        self.unknown_total = 0
+        self._known: dict[FlowKey, list[QueuedPacket]] = {}
+        # (arrival time, packet), so that old packets can expire
+        self._unknown: dict[FlowKey, deque[tuple[float, QueuedPacket]]] = {}
+
+    def rejection(self, key: FlowKey, *, known: bool) -> str | None:
+        """Return the drop reason if a packet of KEY cannot be held, else None."""
+        held = self._known.get(key) if known else self._unknown.get(key)
+        if held is not None and len(held) >= self.max_per_flow:
+            return "held-flow-limit"
+        if self.total >= self.max_packets:
+            return "held-limit"
+        if not known and self.unknown_total >= self.max_packets - self.reserved:
+            return "held-unknown-limit"
+        return None
+
+    def add(
+        self, key: FlowKey, packet: QueuedPacket, now: float, *, known: bool
+    ) -> None:
+        """Hold PACKET; call :meth:`rejection` first."""
+        if known:
+            self._known.setdefault(key, []).append(packet)
+        else:
+            self._unknown.setdefault(key, deque()).append((now, packet))
+            self.unknown_total += 1
+        self.total += 1
+
+    def pop(self, key: FlowKey) -> list[QueuedPacket]:
+        """Remove and return the packets held for KEY, oldest first."""
+        unknown = self._unknown.pop(key, deque())
+        known = self._known.pop(key, [])
+        self.unknown_total -= len(unknown)
+        self.total -= len(unknown) + len(known)
+        return [packet for _, packet in unknown] + known
+
+    def expire(self, now: float) -> list[QueuedPacket]:
+        """Remove and return the unknown flows' packets held for too long."""
+        if not self.unknown_total:
+            return []
+        cutoff = now - self.unknown_timeout_s
+        expired = []
+        for key in list(self._unknown):
+            held = self._unknown[key]
+            while held and held[0][0] <= cutoff:
+                expired.append(held.popleft()[1])
+            if not held:
+                del self._unknown[key]
+        self.unknown_total -= len(expired)
+        self.total -= len(expired)
+        return expired
 
 
 class Shield:
@@ -83,12 +229,23 @@ class Shield:
         *,
         limits: FlowLimits | None = None,
         trickle: TricklePolicy | None = None,
-        max_held_packets: int = 4096,
+        max_held_packets: int = DEFAULT_MAX_HELD_PACKETS,
+        max_held_per_flow: int | None = None,
+        reserved_held_packets: int | None = None,
+        held_unknown_timeout_s: float = HELD_UNKNOWN_TIMEOUT_S,
+        total_buffer_bytes: int | None = None,
+        max_flows: int | None = None,
         journal: AckJournal | None = None,
         commit_interval_s: float = 0.005,
         commit_max_acks: int = 1024,
     ) -> None:
         """Create a shield that sends through SENDER.
+
+        At most MAX_HELD_PACKETS packets are held, MAX_HELD_PER_FLOW (default a
+        quarter of them) per flow key. RESERVED_HELD_PACKETS (default a quarter)
+        are only for flows that have a snapshot. TOTAL_BUFFER_BYTES bounds the
+        bytes all flows buffer together and MAX_FLOWS the flows; None means no
+        limit.
 
         With JOURNAL set, ACKs wait for a journal commit. A batch of packets is
         committed at the latest COMMIT_INTERVAL_S after its first held ACK or
@@ -99,13 +256,27 @@ class Shield:
         self._sender = sender
         self._limits = limits if limits is not None else FlowLimits()
         self._trickle = trickle
-        self._max_held = max_held_packets
-        # packets without a verdict yet, per flow, in arrival order
-        self._held: dict[FlowKey, list[QueuedPacket]] = {}
+        quarter = max_held_packets // 4
+        if max_held_per_flow is None:
+            max_held_per_flow = max(1, quarter)
+        if reserved_held_packets is None:
+            reserved_held_packets = quarter
+        self._held = HeldPackets(
+            max_held_packets,
+            max_per_flow=max_held_per_flow,
+            reserved=reserved_held_packets,
+            unknown_timeout_s=held_unknown_timeout_s,
+        )
+        self._total_buffer_bytes: int | None = None
+        self._max_flows: int | None = None
+        self._set_engine_limits(total_buffer_bytes, max_flows)
+        # sum of the flows' buffered_bytes, kept up to date on every change
+        self._buffered_bytes = 0
+        # next count of each drop reason that gets a log line: 1, 10, 100, ...
+        self._next_drop_log: Counter[str] = Counter()
         # released flows whose packets may still be queued until the rules go
         self._passthrough: set[FlowKey] = set()
         self._announced: set[FlowKey] = set()
-        self._held_total = 0
         self._journal = journal
         self._commit_interval_s = commit_interval_s
         self._commit_max_acks = commit_max_acks
@@ -113,19 +284,71 @@ class Shield:
         self._unsent: list[tuple[ShieldFlow, Transmit]] = []
         self._unsent_since: float | None = None
 
-    def configure(self, limits: FlowLimits, trickle: TricklePolicy | None) -> None:
-        """Set the limits and window policy of flows added from now on."""
+    def configure(
+        self,
+        limits: FlowLimits,
+        trickle: TricklePolicy | None,
+        *,
+        total_buffer_bytes: int | None,
+        max_flows: int | None,
+    ) -> None:
+        """Set the limits and window policy of flows added from now on.
+
+        The total buffer and flow limits apply at once. Flows and bytes already
+        above a lowered limit stay: new bytes and flows are rejected until enough
+        flows are released.
+        """
+        self._set_engine_limits(total_buffer_bytes, max_flows)
         self._limits = limits
         self._trickle = trickle
+
+    def _set_engine_limits(
+        self, total_buffer_bytes: int | None, max_flows: int | None
+    ) -> None:
+        if total_buffer_bytes is not None and total_buffer_bytes < 1:
+            raise ValueError(
+                f"invalid total_buffer_bytes {total_buffer_bytes}: expected 1 or "
+                "more, or None for no limit"
+            )
+        if max_flows is not None and max_flows < 1:
+            raise ValueError(
+                f"invalid max_flows {max_flows}: expected 1 or more, or None for "
+                "no limit"
+            )
+        self._total_buffer_bytes = total_buffer_bytes
+        self._max_flows = max_flows
+
+    @property
+    def max_flows(self) -> int | None:
+        """Maximum number of flows, handed-over ones included; None is no limit."""
+        return self._max_flows
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Payload bytes buffered by all flows together."""
+        return self._buffered_bytes
 
     # flow lifecycle
 
     def add_flow(self, snapshot: FlowSnapshot, now: float) -> ShieldFlow:
-        """Start answering for a flow, then replay the packets held for it."""
+        """Start answering for a flow, then replay the packets held for it.
+
+        Raises:
+            FlowLimitError: the shield already has ``max_flows`` flows. Packets
+                held for the flow stay held until they expire.
+        """
         if snapshot.key in self.flows:
             raise ValueError(f"flow {snapshot.key} is already shielded")
+        if self._max_flows is not None and len(self.flows) >= self._max_flows:
+            raise FlowLimitError(
+                f"shielding {snapshot.key} failed: the shield already has "
+                f"{len(self.flows)} flows, its maximum (max_flows, "
+                "limits.max_flows in the daemon's config); raise it or release "
+                "a scope first"
+            )
         flow = ShieldFlow(snapshot, limits=self._limits, trickle=self._trickle)
         self.flows[snapshot.key] = flow
+        self._buffered_bytes += flow.buffered_bytes
         log.info(
             "shielding %s: rcv_nxt %d, right edge %d, window scale %d",
             snapshot.key,
@@ -133,9 +356,7 @@ class Shield:
             snapshot.right_edge,
             snapshot.rcv_wscale,
         )
-        held = self._held.pop(snapshot.key, [])
-        self._held_total -= len(held)
-        for packet in held:
+        for packet in self._held.pop(snapshot.key):
             self.handle_packet(packet, now)
         self.flush(now)
         return flow
@@ -202,6 +423,8 @@ class Shield:
         backed-off persist probe.
         """
         flow = self.flows.pop(key, None)
+        if flow is not None:
+            self._buffered_bytes -= flow.buffered_bytes
         self._passthrough.add(key)
         announced = key in self._announced
         self._announced.discard(key)
@@ -216,8 +439,7 @@ class Shield:
                 flow,
             )
             self.flush(now)
-        held = self._held.pop(key, [])
-        self._held_total -= len(held)
+        held = self._held.pop(key)
         for packet in held:
             packet.accept()
         count = len(held)
@@ -249,10 +471,14 @@ class Shield:
             return
         flow = self.flows.get(key)
         if flow is None or flow.state is FlowState.HANDED_OVER:
-            self._hold(key, packet)
+            self._hold(key, packet, now, known=flow is not None)
             return
+        if self._total_buffer_bytes is not None:
+            segment = self._fit_total_buffer(flow, segment, self._total_buffer_bytes)
         absorbed_before = flow.stats.bytes_absorbed
+        buffered_before = flow.buffered_bytes
         actions = flow.receive(segment, now)
+        self._buffered_bytes += flow.buffered_bytes - buffered_before
         packet.drop()
         if self._journal is not None and flow.stats.bytes_absorbed > absorbed_before:
             # Only bytes up to the right edge can ever be acknowledged; the
@@ -281,7 +507,14 @@ class Shield:
         return min((d for d in deadlines if d is not None), default=None)
 
     def on_timer(self, now: float) -> None:
-        """Run flow deadlines that are due: tail ACKs and the trickle policy."""
+        """Run flow deadlines that are due, and drop expired held packets.
+
+        Deadlines are tail ACKs and the trickle policy. Packets of flows without
+        a snapshot expire after ``held_unknown_timeout_s``.
+        """
+        for packet in self._held.expire(now):
+            packet.drop()
+            self._count_drop("held-expired")
         for flow in self.flows.values():
             deadline = flow.next_deadline()
             if deadline is not None and deadline > now:
@@ -301,16 +534,69 @@ class Shield:
             await trio.sleep(max(0.0, wake - now))
             self.on_timer(time.monotonic())
 
-    def _hold(self, key: FlowKey, packet: QueuedPacket) -> None:
-        if self._held_total >= self._max_held:
-            self.counters.dropped["held-limit"] += 1
+    def _hold(
+        self, key: FlowKey, packet: QueuedPacket, now: float, *, known: bool
+    ) -> None:
+        reason = self._held.rejection(key, known=known)
+        if reason is not None:
+            self._count_drop(reason)
             packet.drop()
             return
         # the payload is only readable during the callback unless copied now
         packet.retain()
-        self._held.setdefault(key, []).append(packet)
-        self._held_total += 1
+        self._held.add(key, packet, now, known=known)
         self.counters.held += 1
+
+    def _fit_total_buffer(
+        self, flow: ShieldFlow, segment: Segment, total_buffer_bytes: int
+    ) -> Segment:
+        """Cut SEGMENT's payload so the flows' buffers stay within the total.
+
+        The flow takes new bytes only between its rcv_nxt and its right edge,
+        so only those count; bytes it already holds out of order count too,
+        which makes the cut err on the safe side. A cut segment loses its FIN,
+        which the peer sends again with the cut bytes.
+        """
+        payload = segment.payload
+        if not payload or flow.state is not FlowState.SHIELDING:
+            return segment
+        start = seq_diff(segment.seq, flow.rcv_nxt)
+        window_end = seq_diff(flow.right_edge, flow.rcv_nxt)
+        new_start = max(0, start)
+        new_end = min(start + len(payload), window_end)
+        room = max(0, total_buffer_bytes - self._buffered_bytes)
+        if new_end - new_start <= room:
+            return segment
+        keep = new_start - start + room
+        self._count_drop("total-buffer-limit")
+        self.counters.dropped_bytes["total-buffer-limit"] += len(payload) - keep
+        return dataclasses.replace(
+            segment, payload=payload[:keep], flags=segment.flags & ~FIN
+        )
+
+    def _count_drop(self, reason: str) -> None:
+        """Count a drop for a limit, logging the 1st, 10th, 100th ... of each."""
+        self.counters.dropped[reason] += 1
+        count = self.counters.dropped[reason]
+        if count < self._next_drop_log[reason]:
+            return
+        self._next_drop_log[reason] = count * 10
+        log.warning(
+            "limit %s reached: %d packets dropped or cut so far; %s",
+            reason,
+            count,
+            self._limit_state(),
+        )
+
+    def _limit_state(self) -> str:
+        held = self._held
+        total = self._total_buffer_bytes
+        return (
+            f"{held.total} of {held.max_packets} packets held, "
+            f"{held.unknown_total} of them of flows without a snapshot; "
+            f"{self._buffered_bytes} bytes buffered, limit "
+            f"{'none' if total is None else total}"
+        )
 
     def flush(self, now: float) -> None:
         """Commit the journal, then send the ACKs that waited for it.
@@ -360,9 +646,13 @@ class Shield:
         totals["packets"] = self.counters.packets
         totals["acks_sent_engine"] = self.counters.acks_sent
         totals["acks_withheld"] = self.counters.acks_withheld
-        totals["held"] = self._held_total
+        totals["held"] = self._held.total
+        totals["held_unknown"] = self._held.unknown_total
+        totals["buffered_bytes"] = self._buffered_bytes
         for reason, count in self.counters.dropped.items():
             totals[f"dropped_{reason}"] = count
+        for reason, count in self.counters.dropped_bytes.items():
+            totals[f"dropped_bytes_{reason}"] = count
         return dict(totals)
 
 

@@ -10,6 +10,11 @@ many new flows. No guess may be accepted: the flow keeps its state and bytes,
 sends at most the configured challenge ACKs, holds memory within its limits,
 and the stream's byte check passes after the restore.
 
+The shield's total buffer limit is smaller than what the stream sends during
+the freeze, so the stream fills it before the attack. The bytes past it are
+never acknowledged: the peer keeps sending them again, during the attack too,
+and the restored socket gets them after the release.
+
 Every attack packet goes to the container's lab address. Spoofed sources are
 the peer's address or other addresses in 198.18.0.0/15 and 2001:2::/48. The
 gateway forwards them, because reverse-path filtering is off in the lab's
@@ -36,7 +41,9 @@ from shieldproxy.kernel.nfqueue import QueueBinding
 from shieldproxy.lab.topology import lab
 from shieldproxy.shield import Shield
 from shieldproxy.tcp.flow import FlowLimits, FlowState, ShieldFlow
+from shieldproxy.tcp.segment import MalformedSegment, parse_packet_untrusted
 from shieldproxy.tcp.seq import seq_add, seq_diff
+from shieldproxy.tcp.snapshot import FlowKey
 from tests.lab.test_demo_scenario import leftovers
 
 pytestmark = pytest.mark.lab
@@ -46,12 +53,19 @@ FREEZE_S = 8.0
 STREAM_RATE = 64 * 1024
 CHALLENGE_ACKS_PER_S = 10
 MAX_HELD_PACKETS = 1024
+MAX_HELD_PER_FLOW = 256
+RESERVED_HELD_PACKETS = 256
+# Longer than the test, so the held packets of the early phases stay held.
+HELD_UNKNOWN_TIMEOUT_S = 3600.0
 PER_FLOW_BUFFER_BYTES = 4 * 1024 * 1024
+# About one second of the stream.
+TOTAL_BUFFER_BYTES = 64 * 1024
 LIMITS = FlowLimits(
     max_buffer_bytes=PER_FLOW_BUFFER_BYTES,
     challenge_acks_per_s=CHALLENGE_ACKS_PER_S,
 )
 SYN_FLOOD_PACKETS = 2000
+ONE_FLOW_FLOOD_PACKETS = 300
 NEW_FLOWS = 500
 BATCH = 100
 # Bounds on the waits for the shield to process what was sent.
@@ -121,9 +135,38 @@ def recorder(monkeypatch):
 
     class RecordingShield(Shield):
         def __init__(self, sender, **kwargs):
-            kwargs.update(limits=LIMITS, max_held_packets=MAX_HELD_PACKETS)
+            kwargs.update(
+                limits=LIMITS,
+                max_held_packets=MAX_HELD_PACKETS,
+                max_held_per_flow=MAX_HELD_PER_FLOW,
+                reserved_held_packets=RESERVED_HELD_PACKETS,
+                held_unknown_timeout_s=HELD_UNKNOWN_TIMEOUT_S,
+                total_buffer_bytes=TOTAL_BUFFER_BYTES,
+            )
             super().__init__(sender, **kwargs)
+            self.peer_data_packets = 0
+            """Packets of a shielded flow with payload other than the attack's."""
+            self.max_buffered_bytes = 0
+            """Max bytes buffered by all flows together after any packet."""
             recorded.shields.append(self)
+
+        def handle_packet(self, packet, now):
+            if self._is_peer_data(packet):
+                self.peer_data_packets += 1
+            super().handle_packet(packet, now)
+            self.max_buffered_bytes = max(self.max_buffered_bytes, self.buffered_bytes)
+
+        def _is_peer_data(self, packet):
+            try:
+                segment = parse_packet_untrusted(packet.get_payload())
+            except MalformedSegment:
+                return False
+            key = FlowKey(segment.dst, segment.dport, segment.src, segment.sport)
+            return (
+                key in self.flows
+                and bool(segment.payload)
+                and segment.payload != ATTACK_PAYLOAD
+            )
 
     class RecordingBinding(QueueBinding):
         def __init__(self, *args, **kwargs):
@@ -290,6 +333,20 @@ class Attacker:
                 ],
             ),
             (
+                "one-flow-flood",
+                [
+                    self.packet(
+                        self.own_addr,
+                        9_000,
+                        rng.getrandbits(32),
+                        flags="PA",
+                        ack=rng.getrandbits(32),
+                        payload=payload,
+                    )
+                    for _ in range(ONE_FLOW_FLOOD_PACKETS)
+                ],
+            ),
+            (
                 "syn-flood",
                 [
                     self.packet(
@@ -323,8 +380,14 @@ def engine_counts(shield):
     return {
         "packets": counters.packets,
         "held": counters.held,
+        "peer_data": shield.peer_data_packets,
         **{f"dropped_{reason}": n for reason, n in counters.dropped.items()},
     }
+
+
+def attack_packets_seen(shield):
+    """Packets the shield has processed, less the peer's own data packets."""
+    return shield.counters.packets - shield.peer_data_packets
 
 
 def difference(after, before):
@@ -379,12 +442,12 @@ async def run_attack(created, family, recorder, report):
             engine_before = engine_counts(shield)
             for start in range(0, len(packets), BATCH):
                 batch = packets[start : start + BATCH]
-                expected = shield.counters.packets + len(batch)
+                expected = attack_packets_seen(shield) + len(batch)
                 await trio.to_thread.run_sync(
                     send_from_attacker, created, family, batch
                 )
                 await wait_until(
-                    lambda expected=expected: shield.counters.packets >= expected,
+                    lambda expected=expected: attack_packets_seen(shield) >= expected,
                     PROCESS_TIMEOUT_S,
                 )
                 report.max_buffered_bytes = max(
@@ -427,14 +490,17 @@ def test_off_path_attacks_rejected(attack_lab, recorder, tmp_path, family):
     )
     result = trio.run(run_scenario, attack_lab, config, Path(tmp_path))
 
-    # the attack ran against an open window
+    # the attack ran against an open window, with the total buffer full
     assert report.error is None
     assert report.before is not None
     assert report.before.state is FlowState.SHIELDING
     assert report.window_bytes > 10_000
+    assert report.before.buffered_bytes == TOTAL_BUFFER_BYTES
     phases = report.phases
     for phase in phases.values():
-        assert phase.processed == phase.sent, phase
+        # the peer's own packets are its resends of the bytes past the total
+        peer_data = phase.engine.get("peer_data", 0)
+        assert phase.processed == phase.sent + peer_data, phase
 
     # nothing was accepted: same state, same bytes, no reset
     assert report.after is not None
@@ -465,6 +531,15 @@ def test_off_path_attacks_rejected(attack_lab, recorder, tmp_path, family):
     assert beyond.flow_stats["bytes_beyond_edge"] == beyond.sent * len(ATTACK_PAYLOAD)
     for name in ("data-guessed-ack", "data-without-ack-flag", "data-beyond-window"):
         assert phases[name].flow_stats["bytes_absorbed"] == 0, name
+    # in-window payload was cut for the total before the flow checked it, and
+    # bytes past the edge were left to the flow
+    for name, phase in phases.items():
+        cut = phase.engine.get("dropped_total-buffer-limit", 0)
+        resent = phase.engine.get("peer_data", 0)
+        if name in ("data-guessed-ack", "data-without-ack-flag"):
+            assert phase.sent <= cut <= phase.sent + resent, name
+        else:
+            assert cut <= resent, name
 
     # challenge ACKs stay within the per-second limit: the limit applies per
     # second from the first challenge, so a span of s seconds allows int(s) + 2
@@ -473,15 +548,28 @@ def test_off_path_attacks_rejected(attack_lab, recorder, tmp_path, family):
     assert challenges <= CHALLENGE_ACKS_PER_S * (int(seconds) + 2)
 
     # packets of other flows are held within the limit and never acknowledged
-    for name in ("own-address-guesses", "syn-flood", "new-flows"):
+    for name in ("own-address-guesses", "one-flow-flood", "syn-flood", "new-flows"):
         stats = phases[name].flow_stats
-        assert stats.get("segments", 0) == 0, name
+        # the peer's resends reach the flow without their payload, unanswered
+        resent = phases[name].engine.get("peer_data", 0)
+        assert stats.get("segments", 0) == resent, name
         assert stats.get("acks_sent", 0) == 0, name
+    one_flow = phases["one-flow-flood"].engine
+    assert one_flow["held"] == MAX_HELD_PER_FLOW
+    assert one_flow["dropped_held-flow-limit"] == (
+        ONE_FLOW_FLOOD_PACKETS - MAX_HELD_PER_FLOW
+    )
     flood = phases["syn-flood"].engine
-    assert flood["dropped_held-limit"] > 0
-    assert phases["new-flows"].engine["dropped_held-limit"] == NEW_FLOWS
-    assert report.max_held_packets <= MAX_HELD_PACKETS
+    assert flood["dropped_held-unknown-limit"] > 0
+    assert phases["new-flows"].engine["dropped_held-unknown-limit"] == NEW_FLOWS
+    for phase in phases.values():
+        assert phase.engine.get("dropped_held-limit", 0) == 0, phase.name
+    # flows without a snapshot never take the slots reserved for known flows
+    assert report.max_held_packets <= MAX_HELD_PACKETS - RESERVED_HELD_PACKETS
     assert report.max_buffered_bytes <= report.buffer_limit
+    (shield,) = recorder.shields
+    assert shield.max_buffered_bytes == TOTAL_BUFFER_BYTES
+    assert shield.counters.dropped_bytes["total-buffer-limit"] > 0
     assert all(binding.handler_errors == 0 for binding in recorder.bindings)
 
     # the real flow survived: every byte arrived once, in order
