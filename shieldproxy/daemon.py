@@ -32,6 +32,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -1003,6 +1004,8 @@ class Daemon:
                     "to drop what it absorbed"
                 )
             self._stop_answering(runtime, restored or {})
+            assert self.shield is not None
+            self.shield.release_unknown(partial(_covers, runtime.config))
             runtime.rules.remove()
             if runtime.frozen_at is not None:
                 frozen_for = time.monotonic() - runtime.frozen_at
@@ -1132,3 +1135,7 @@ def _same_pid_namespace(pid: Any) -> bool:
     except OSError:
         return False
     return theirs == ours
+
+
+def _covers(scope: ScopeConfig, key: FlowKey) -> bool:
+    return scope.covers(key.container_addr, key.container_port)

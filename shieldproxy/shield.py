@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -203,6 +204,10 @@ class HeldPackets:
         self.total -= len(unknown) + len(known)
         return [packet for _, packet in unknown] + known
 
+    def unknown_keys(self) -> list[FlowKey]:
+        """Return the keys of unknown flows that have packets held."""
+        return list(self._unknown)
+
     def expire(self, now: float) -> list[QueuedPacket]:
         """Remove and return the unknown flows' packets held for too long."""
         if not self.unknown_total:
@@ -348,6 +353,8 @@ class Shield:
             )
         flow = ShieldFlow(snapshot, limits=self._limits, trickle=self._trickle)
         self.flows[snapshot.key] = flow
+        # a connection released after an earlier freeze is shielded again
+        self._passthrough.discard(snapshot.key)
         self._buffered_bytes += flow.buffered_bytes
         log.info(
             "shielding %s: rcv_nxt %d, right edge %d, window scale %d",
@@ -445,6 +452,27 @@ class Shield:
         count = len(held)
         self.counters.released += count
         log.info("released %s: %d held packets let through", key, count)
+        return count
+
+    def release_unknown(self, covers: Callable[[FlowKey], bool]) -> int:
+        """Let through the held packets of unknown flows that COVERS selects.
+
+        These are flows the shield never had a snapshot of, such as SYNs of
+        new connections to a frozen port: at the release they go to the
+        restored listener, so the clients connect without waiting for their
+        next SYN retransmission.
+        """
+        count = 0
+        for key in self._held.unknown_keys():
+            if not covers(key):
+                continue
+            self._passthrough.add(key)
+            for packet in self._held.pop(key):
+                packet.accept()
+                count += 1
+        self.counters.released += count
+        if count:
+            log.info("released %d held packets of flows without a snapshot", count)
         return count
 
     def _flow(self, key: FlowKey) -> ShieldFlow:
