@@ -129,7 +129,7 @@ class FlowChecker:
       between the ACK and the right edge;
     - held bytes stay within the edge shown, the buffer limit and a received
       FIN, and every absorbed byte is held;
-    - an RST resets the flow exactly when it is at rcv_nxt;
+    - an RST resets the flow when it is at rcv_nxt, or at the last ACK sent;
     - challenge ACKs and ACKs for zero-length invalid segments are rate-limited;
     - data is absorbed only with an ACK field RFC 5961 accepts, and payload
       dropped out of window is counted;
@@ -173,7 +173,9 @@ class FlowChecker:
         """Feed one peer segment and check the actions and the state after it."""
         flow = self.flow
         state = flow.state
-        rcv_nxt = flow.rcv_nxt
+        ack_sent = flow.ack_sent
+        # RCV.NXT of RFC 793: one past the contiguous bytes and a FIN in order
+        next_seq = flow._next_seq()
         absorbed = flow.stats.bytes_absorbed
         dropped = self._dropped_bytes()
         self._note_content(segment)
@@ -191,7 +193,7 @@ class FlowChecker:
             if isinstance(action, Transmit):
                 self._check_reply(action, segment, dropped, now)
             elif isinstance(action, ResetReceived):
-                self._check_reset(segment, rcv_nxt)
+                self._check_reset(segment, next_seq, ack_sent)
             elif isinstance(action, FinReceived):
                 check(self.fin_offset is None, "FinReceived reported twice")
                 check(
@@ -202,8 +204,8 @@ class FlowChecker:
             else:
                 raise InvariantViolation(f"unknown action {action!r}")
 
-        if segment.has(RST) and segment.seq == rcv_nxt and segment.seg_len == 0:
-            check(self.reset, "an RST at exactly rcv_nxt did not reset the flow")
+        if segment.has(RST) and segment.seq == next_seq and segment.seg_len == 0:
+            check(self.reset, "an RST at exactly RCV.NXT did not reset the flow")
         self._check_state()
         return actions
 
@@ -317,11 +319,14 @@ class FlowChecker:
                 f"counted {counted}",
             )
 
-    def _check_reset(self, segment: Segment, rcv_nxt: int) -> None:
+    def _check_reset(self, segment: Segment, next_seq: int, ack_sent: int) -> None:
         check(segment.has(RST), "reset by a segment without RST")
+        # A peer whose socket is gone answers a challenge ACK with an RST at
+        # that ACK number, which can stop short of the bytes held.
         check(
-            segment.seq == rcv_nxt,
-            f"reset by an RST at {segment.seq}, rcv_nxt is {rcv_nxt}",
+            segment.seq in (next_seq, ack_sent),
+            f"reset by an RST at {segment.seq}, RCV.NXT is {next_seq} and the "
+            f"last ACK sent {ack_sent}",
         )
         check(self.flow.state is FlowState.RESET, "ResetReceived but not RESET")
         self.reset = True
