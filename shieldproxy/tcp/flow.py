@@ -186,16 +186,39 @@ class _RateLimit:
         return True
 
 
-@dataclass
-class _Options:
-    mss: int
-    sack: bool
-    timestamps: bool
-    rcv_wscale: int
-
-
 class ShieldFlow:
     """Sans-IO receive side of one TCP connection, speaking for the container."""
+
+    # A shield keeps one instance per frozen flow, so slots keep its memory small.
+    __slots__ = (
+        "snapshot",
+        "key",
+        "state",
+        "stats",
+        "_limits",
+        "_trickle",
+        "_sack",
+        "_timestamps",
+        "_rcv_wscale",
+        "_family",
+        "_base",
+        "_buffer",
+        "_last_ack",
+        "_edge",
+        "_max_edge_shown",
+        "_limit",
+        "_snd_una",
+        "_max_snd_window",
+        "_snd_nxt",
+        "_ts_recent",
+        "_last_tsval",
+        "_fin_offset",
+        "_fin_delivered",
+        "_challenges",
+        "_last_invalid_ack",
+        "_next_trickle",
+        "_tail_since",
+    )
 
     def __init__(
         self,
@@ -210,12 +233,11 @@ class ShieldFlow:
         self.stats = FlowStats()
         self._limits = limits
         self._trickle = trickle
-        self._opts = _Options(
-            snapshot.mss,
-            snapshot.sack_ok,
-            snapshot.timestamps_ok,
-            snapshot.rcv_wscale if 0 <= snapshot.rcv_wscale <= 14 else 0,
-        )
+        self._sack = snapshot.sack_ok
+        self._timestamps = snapshot.timestamps_ok
+        self._rcv_wscale = snapshot.rcv_wscale if 0 <= snapshot.rcv_wscale <= 14 else 0
+        # IP version of the key, looked up at the first ACK
+        self._family: int | None = None
         self._base = snapshot.rcv_nxt
         self._buffer = Reassembler()
 
@@ -240,7 +262,8 @@ class ShieldFlow:
         self._last_tsval = snapshot.tsval
         self._fin_offset: int | None = None
         self._fin_delivered = False
-        self._challenges = _RateLimit(limits.challenge_acks_per_s)
+        # created at the first challenge ACK, which most flows never send
+        self._challenges: _RateLimit | None = None
         self._last_invalid_ack = float("-inf")
         self._next_trickle: float | None = None
         # Bytes below rcv_nxt that the container has not acknowledged yet wait
@@ -292,19 +315,20 @@ class ShieldFlow:
             self.stats.after_handover += 1
             return []
 
+        flags = seg.flags
         # PAWS (RFC 7323 section 5.3): an older TSval than ts_recent is a stale
         # duplicate, unless it is an RST.
-        timestamp = seg.options.timestamp if self._opts.timestamps else None
+        timestamp = seg.options.timestamp if self._timestamps else None
         if (
             timestamp is not None
             and self._ts_recent is not None
-            and not seg.has(RST)
+            and not flags & RST
             and seq_lt(timestamp[0], self._ts_recent)
         ):
             self.stats.paws_rejected += 1
             return self._ack_unacceptable(seg, now, "paws")
 
-        if seg.has(RST):
+        if flags & RST:
             return self._receive_reset(seg, now)
 
         # sequence acceptability (RFC 9293 section 3.10.7.4, first check)
@@ -313,11 +337,11 @@ class ShieldFlow:
             return self._ack_unacceptable(seg, now, "out-of-window")
 
         # SYN on an established connection (RFC 5961 section 4.2)
-        if seg.has(SYN):
+        if flags & SYN:
             self.stats.syn_received += 1
             return self._challenge(now)
 
-        if not seg.has(ACK):
+        if not flags & ACK:
             self.stats.no_ack_flag += 1
             return []
 
@@ -342,7 +366,7 @@ class ShieldFlow:
             self._ts_recent = timestamp[0]
 
         actions: list[Action] = []
-        if seg.payload or seg.has(FIN):
+        if seg.payload or flags & FIN:
             self._absorb(seg, actions)
             actions.append(self._ack(now, "fin" if self._fin_delivered else "data"))
         return actions
@@ -399,7 +423,7 @@ class ShieldFlow:
         if now < self._next_trickle:
             return []
         self._next_trickle = now + trickle.interval_s
-        unit = 1 << self._opts.rcv_wscale
+        unit = 1 << self._rcv_wscale
         if self._edge - self._last_ack >= trickle.step_bytes:
             return []
         step = -(-trickle.step_bytes // unit) * unit
@@ -465,7 +489,7 @@ class ShieldFlow:
         backed-off persist probe. This ACK carries the restored socket's rcv_nxt
         and right edge, which must be at or past every edge the shield showed.
         """
-        unit = 1 << self._opts.rcv_wscale
+        unit = 1 << self._rcv_wscale
         edge = right_edge
         if seq_lt(edge, self.right_edge):
             edge = self.right_edge
@@ -490,7 +514,7 @@ class ShieldFlow:
 
     def _next_timestamp(self, now: float) -> tuple[int, int] | None:
         """Return (TSval, TSecr) for a segment sent now, or None without timestamps."""
-        if not self._opts.timestamps:
+        if not self._timestamps:
             return None
         tsval = self.tsval_at(now)
         self._last_tsval = tsval
@@ -500,8 +524,11 @@ class ShieldFlow:
         """Build a pure ACK from the container to the peer, and count it."""
         self.stats.acks_sent += 1
         key = self.key
+        family = self._family
+        if family is None:
+            family = self._family = key.family
         return Segment(
-            version=key.family,
+            version=family,
             src=key.container_addr,
             dst=key.peer_addr,
             sport=key.container_port,
@@ -524,14 +551,14 @@ class ShieldFlow:
     def _acceptable(self, seg: Segment) -> bool:
         # After the peer's FIN its keepalive probes carry the FIN's sequence
         # number, one below RCV.NXT, so they count as old and get an ACK.
-        rcv_nxt = self._next_seq()
-        window = self._edge - self._next_offset()
+        next_offset = self._next_offset()
+        window = self._edge - next_offset
         length = seg.seg_len
-        start = seq_diff(seg.seq, rcv_nxt)
+        start = seq_diff(seg.seq, seq_add(self._base, next_offset))
         if length == 0:
             return 0 <= start < window if window > 0 else start == 0
         # a bare FIN at rcv_nxt is accepted even into a zero window, as Linux does
-        if not seg.payload and seg.has(FIN) and start == 0:
+        if not seg.payload and seg.flags & FIN and start == 0:
             return True
         if window <= 0:
             return False
@@ -566,7 +593,7 @@ class ShieldFlow:
         # acknowledged past the peer's FIN.
         fin_offset = offset + len(payload)
         if (
-            seg.has(FIN)
+            seg.flags & FIN
             and fits
             and self._fin_offset is None
             and self._buffer.held_end <= fin_offset
@@ -602,6 +629,8 @@ class ShieldFlow:
         return [self._ack(now, reason)]
 
     def _challenge(self, now: float) -> list[Action]:
+        if self._challenges is None:
+            self._challenges = _RateLimit(self._limits.challenge_acks_per_s)
         if not self._challenges.allow(now):
             self.stats.challenge_acks_suppressed += 1
             return []
@@ -622,7 +651,7 @@ class ShieldFlow:
         with ``ack_all`` and lets the edge creep once, long before the peer's
         retransmission timeout (200 ms at least on Linux).
         """
-        unit = 1 << self._opts.rcv_wscale
+        unit = 1 << self._rcv_wscale
         candidate = self._buffer.contiguous_end
         if self._fin_delivered and self._fin_offset is not None:
             candidate = self._fin_offset + 1
@@ -650,10 +679,10 @@ class ShieldFlow:
 
     def _ack(self, now: float, reason: str, *, ack_all: bool = False) -> Transmit:
         ack_offset, window_bytes = self._choose_ack(now, ack_all=ack_all)
-        window = window_bytes >> self._opts.rcv_wscale
+        window = window_bytes >> self._rcv_wscale
         if window > MAX_WINDOW_FIELD:
             window = MAX_WINDOW_FIELD
-        shown_edge = ack_offset + (window << self._opts.rcv_wscale)
+        shown_edge = ack_offset + (window << self._rcv_wscale)
         retraction = self._max_edge_shown - shown_edge
         if retraction > self.stats.max_right_edge_retraction:
             self.stats.max_right_edge_retraction = retraction
@@ -662,12 +691,14 @@ class ShieldFlow:
 
         timestamp = self._next_timestamp(now)
         sack_blocks: tuple[tuple[int, int], ...] = ()
-        if self._opts.sack:
+        if self._sack:
             max_blocks = 3 if timestamp is not None else 4
-            sack_blocks = tuple(
-                (seq_add(self._base, start), seq_add(self._base, end))
-                for start, end in self._buffer.out_of_order_ranges()[:max_blocks]
-            )
+            ranges = self._buffer.out_of_order_ranges(max_blocks)
+            if ranges:
+                base = self._base
+                sack_blocks = tuple(
+                    (seq_add(base, start), seq_add(base, end)) for start, end in ranges
+                )
         options = TcpOptions(sack_blocks=sack_blocks, timestamp=timestamp)
         segment = self._ack_segment(seq_add(self._base, ack_offset), window, options)
         return Transmit(segment, reason)

@@ -9,17 +9,49 @@ arithmetic here is plain integers. The caller converts sequence numbers with
 from __future__ import annotations
 
 import bisect
+import heapq
 from dataclasses import dataclass
 
 
-@dataclass
 class _Block:
-    start: int
-    data: bytearray
+    """Out-of-order bytes from ``start`` to ``end``, as the chunks they came in.
 
-    @property
-    def end(self) -> int:
-        return self.start + len(self.data)
+    The chunks are contiguous and cover the block exactly. They are joined only
+    when the contiguous prefix reaches the block, so storing data next to a
+    held block never copies the bytes held before.
+    """
+
+    # stored_at: number of the last insert that extended the block, which
+    # orders the SACK blocks
+    __slots__ = ("start", "end", "chunks", "stored_at")
+
+    def __init__(
+        self, start: int, end: int, chunks: list[bytes], stored_at: int
+    ) -> None:
+        self.start = start
+        self.end = end
+        self.chunks = chunks
+        self.stored_at = stored_at
+
+    def append_from(self, target: bytearray, offset: int) -> None:
+        """Append the block's bytes from ``offset`` to its end to ``target``."""
+        position = self.start
+        for chunk in self.chunks:
+            chunk_end = position + len(chunk)
+            if chunk_end > offset:
+                if position >= offset:
+                    target += chunk
+                else:
+                    target += memoryview(chunk)[offset - position :]
+            position = chunk_end
+
+
+def _block_start(block: _Block) -> int:
+    return block.start
+
+
+def _block_stored_at(block: _Block) -> int:
+    return block.stored_at
 
 
 @dataclass(frozen=True)
@@ -42,12 +74,18 @@ class Reassembler:
     order when the gap before it fills.
     """
 
+    __slots__ = ("_prefix", "_blocks", "_inserts", "_out_of_order_bytes")
+
     def __init__(self) -> None:
         self._prefix = bytearray()
-        self._blocks: list[_Block] = []
-        # Starts of held blocks, most recently extended first (RFC 2018 section 4
-        # orders SACK blocks by recency).
-        self._recent: list[int] = []
+        # Held blocks by start offset, created at the first out-of-order insert,
+        # because a shield keeps one buffer per flow and most never need it.
+        self._blocks: list[_Block] | None = None
+        # inserts past a gap so far, which numbers each block's last extension
+        # (RFC 2018 section 4 orders SACK blocks by recency)
+        self._inserts = 0
+        # total size of the held blocks, so that buffered_bytes costs O(1)
+        self._out_of_order_bytes = 0
 
     @property
     def contiguous_end(self) -> int:
@@ -63,11 +101,11 @@ class Reassembler:
 
     @property
     def out_of_order_bytes(self) -> int:
-        return sum(len(block.data) for block in self._blocks)
+        return self._out_of_order_bytes
 
     @property
     def buffered_bytes(self) -> int:
-        return len(self._prefix) + self.out_of_order_bytes
+        return len(self._prefix) + self._out_of_order_bytes
 
     def prefix(self, end: int | None = None) -> bytes:
         """Return the contiguous bytes from offset 0 up to ``end`` (default: all)."""
@@ -77,15 +115,27 @@ class Reassembler:
             raise ValueError(f"end {end} is outside the prefix of {len(self._prefix)}")
         return bytes(self._prefix[:end])
 
-    def out_of_order_ranges(self) -> list[tuple[int, int]]:
-        """Held blocks as (start, end) offsets, most recently extended first."""
-        by_start = {block.start: block for block in self._blocks}
-        return [(start, by_start[start].end) for start in self._recent]
+    def out_of_order_ranges(self, limit: int | None = None) -> list[tuple[int, int]]:
+        """Held blocks as (start, end) offsets, most recently extended first.
+
+        With ``limit``, only that many of the most recent.
+        """
+        blocks = self._blocks
+        if not blocks:
+            return []
+        if limit is None:
+            recent = sorted(blocks, key=_block_stored_at, reverse=True)
+        else:
+            recent = heapq.nlargest(limit, blocks, key=_block_stored_at)
+        return [(block.start, block.end) for block in recent]
 
     def insert(self, offset: int, data: bytes) -> InsertResult:
         """Store ``data`` found at ``offset``, trimming whatever is already held."""
         if offset < 0:
             raise ValueError(f"offset {offset} is before the start of the buffer")
+        # Held blocks keep references to the input, which must not change later.
+        # bytes() returns a bytes object itself, without a copy.
+        data = bytes(data)
         end = offset + len(data)
         duplicate = 0
 
@@ -110,43 +160,68 @@ class Reassembler:
 
         Returns (new bytes, bytes of the input already held, prefix growth).
         """
-        start = len(self._prefix)
-        input_end = start + len(data)
-        end = input_end
+        prefix = self._prefix
+        start = len(prefix)
+        prefix += data
+        input_end = len(prefix)
         overlap = 0
-        merged = bytearray(data)
-        while self._blocks and self._blocks[0].start <= end:
-            block = self._blocks.pop(0)
-            self._recent.remove(block.start)
+        blocks = self._blocks
+        while blocks and blocks[0].start <= len(prefix):
+            block = blocks.pop(0)
+            self._out_of_order_bytes -= block.end - block.start
             overlap += max(0, min(block.end, input_end) - block.start)
-            if block.end > end:
-                merged += block.data[end - block.start :]
-                end = block.end
-        self._prefix += merged
-        return len(data) - overlap, overlap, end - start
+            if block.end > len(prefix):
+                block.append_from(prefix, len(prefix))
+        return len(data) - overlap, overlap, len(prefix) - start
 
     def _store_block(self, offset: int, data: bytes) -> tuple[int, int]:
-        """Store a block past the gap, returning (new bytes, bytes already held)."""
+        """Store a block past the gap, returning (new bytes, bytes already held).
+
+        The input merges with every held block it overlaps or touches. The
+        merged block reuses the chunk list of a block that starts at or before
+        the input, and takes only the parts of the input between held blocks.
+        """
         end = offset + len(data)
-        starts = [block.start for block in self._blocks]
-        index = bisect.bisect_right(starts, offset)
+        blocks = self._blocks
+        if blocks is None:
+            blocks = self._blocks = []
+        self._inserts += 1
+        index = bisect.bisect_right(blocks, offset, key=_block_start)
         # merge with the block before when it touches or overlaps
-        if index > 0 and self._blocks[index - 1].end >= offset:
+        if index > 0 and blocks[index - 1].end >= offset:
             index -= 1
-        merged_start = offset
-        merged = bytearray(data)
+        last = index
+        while last < len(blocks) and blocks[last].start <= end:
+            last += 1
+        if last == index:
+            blocks.insert(index, _Block(offset, end, [data], self._inserts))
+            self._out_of_order_bytes += len(data)
+            return len(data), 0
+
+        merging = blocks[index:last]
         known = 0
-        while index < len(self._blocks) and self._blocks[index].start <= end:
-            block = self._blocks.pop(index)
-            self._recent.remove(block.start)
-            overlap_start = max(block.start, merged_start)
-            overlap_end = min(block.end, merged_start + len(merged))
-            known += max(0, overlap_end - overlap_start)
-            if block.start < merged_start:
-                merged = block.data[: merged_start - block.start] + merged
-                merged_start = block.start
-            if block.end > merged_start + len(merged):
-                merged += block.data[merged_start + len(merged) - block.start :]
-        self._blocks.insert(index, _Block(merged_start, merged))
-        self._recent.insert(0, merged_start)
+        for block in merging:
+            known += max(0, min(block.end, end) - max(block.start, offset))
+        first = merging[0]
+        if first.start <= offset:
+            merged = first
+            rest = merging[1:]
+        else:
+            merged = _Block(offset, offset, [], 0)
+            rest = merging
+        chunks = merged.chunks
+        # cursor: end of the merged bytes so far, never before offset
+        cursor = merged.end
+        for block in rest:
+            if block.start > cursor:
+                chunks.append(data[cursor - offset : block.start - offset])
+            chunks += block.chunks
+            cursor = block.end
+        if end > cursor:
+            chunks.append(data[cursor - offset :])
+            cursor = end
+        merged.end = cursor
+        merged.stored_at = self._inserts
+        blocks[index:last] = [merged]
+        self._out_of_order_bytes += len(data) - known
         return len(data) - known, known

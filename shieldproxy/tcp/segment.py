@@ -9,8 +9,8 @@ onto a raw socket with the IP header included.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
-import sys
 from dataclasses import dataclass, field
 
 FIN = 0x01
@@ -44,6 +44,20 @@ MAX_SACK_BLOCKS = 4
 _TCP_HEADER = struct.Struct("!HHIIBBHHH")
 _IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 _IPV6_HEADER = struct.Struct("!IHBB16s16s")
+_CHECKSUM_FIELD = struct.Struct("!H")
+_TIMESTAMP_ONLY = struct.Struct("!BBBBII")
+# NOP, NOP, timestamps: the options field of most segments on a connection
+# with timestamps, as Linux lays it out when no SACK blocks follow.
+_TIMESTAMP_ONLY_START = bytes((OPT_NOP, OPT_NOP, OPT_TIMESTAMP, 10))
+_TIMESTAMP_VALUES = struct.Struct("!II")
+
+# The codec converts between packed and text addresses for every packet. These
+# caches hold the results for the addresses seen most recently, and are emptied
+# when full, so a flood of distinct source addresses costs only the uncached
+# conversion.
+_ADDRESS_CACHE_SIZE = 4096
+_text_by_packed: dict[bytes, str] = {}
+_packed_by_text: dict[str, bytes] = {}
 
 
 class MalformedSegment(ValueError):
@@ -107,20 +121,19 @@ class Segment:
 
 
 def _ones_complement_sum(data: bytes | bytearray | memoryview) -> int:
-    """Sum 16-bit words with end-around carry, in the machine's byte order.
+    """Sum the big-endian 16-bit words of DATA with end-around carry.
 
-    The one's complement sum is independent of byte order (RFC 1071 section 2),
-    so summing native words and swapping the folded result is exact and avoids a
-    Python loop per word.
+    Since 2**16 is 1 modulo 0xFFFF, the data read as one big-endian integer
+    has the same remainder modulo 0xFFFF as the sum of its words. The folded
+    one's complement sum is that remainder, except that a nonzero sum is
+    0xFFFF where the remainder is 0. An odd trailing byte is padded with zero.
     """
-    view = memoryview(data)
-    if len(view) % 2:
-        view = memoryview(bytes(view) + b"\x00")
-    total = sum(view.cast("H"))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    if sys.byteorder == "little":
-        total = ((total & 0xFF) << 8) | (total >> 8)
+    if len(data) % 2:
+        data = bytes(data) + b"\x00"
+    value = int.from_bytes(data, "big")
+    total = value % 0xFFFF
+    if total == 0 and value:
+        return 0xFFFF
     return total
 
 
@@ -145,6 +158,8 @@ def _pseudo_header(version: int, src: bytes, dst: bytes, tcp_length: int) -> byt
 
 def parse_options_untrusted(data: bytes | memoryview) -> TcpOptions:
     """Parse the TCP options field, raising MalformedSegment on any overrun."""
+    if len(data) == 12 and data[:4] == _TIMESTAMP_ONLY_START:
+        return TcpOptions(timestamp=_TIMESTAMP_VALUES.unpack_from(data, 4))
     mss: int | None = None
     wscale: int | None = None
     sack_permitted = False
@@ -200,6 +215,17 @@ def _expect_length(kind: int, length: int, expected: int) -> None:
 
 def encode_options(options: TcpOptions) -> bytes:
     """Encode options the way Linux lays them out, padded to 32-bit words."""
+    if (
+        not options.sack_blocks
+        and options.mss is None
+        and options.wscale is None
+        and not options.sack_permitted
+    ):
+        if options.timestamp is None:
+            return b""
+        return _TIMESTAMP_ONLY.pack(
+            OPT_NOP, OPT_NOP, OPT_TIMESTAMP, 10, *options.timestamp
+        )
     out = bytearray()
     if options.mss is not None:
         out += struct.pack("!BBH", OPT_MSS, 4, options.mss)
@@ -317,22 +343,64 @@ def _parse_tcp(
     if verify:
         pseudo = _pseudo_header(version, src, dst, len(tcp))
         checksum_ok = internet_checksum(pseudo, tcp) == 0
-    addr_type = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    # Positional arguments in field order: keywords make this call slower.
     return Segment(
-        version=version,
-        src=str(addr_type(src)),
-        dst=str(addr_type(dst)),
-        sport=sport,
-        dport=dport,
-        seq=seq,
-        ack=ack,
-        flags=flags | ((offset_byte & 0x01) << 8),
-        window=window,
-        options=options,
-        payload=bytes(tcp[header_length:]),
-        urgent=urgent,
-        checksum_ok=checksum_ok,
+        version,
+        _address_text(src),
+        _address_text(dst),
+        sport,
+        dport,
+        seq,
+        ack,
+        flags | ((offset_byte & 0x01) << 8),
+        window,
+        options,
+        bytes(tcp[header_length:]),
+        urgent,
+        checksum_ok,
     )
+
+
+def _address_text(packed: bytes) -> str:
+    """Return the text form ``str(ipaddress.ip_address(packed))`` gives.
+
+    glibc's ``inet_ntop`` writes the same compressed text (RFC 5952) for every
+    IPv4 address and for IPv6 addresses without an embedded IPv4 part, which
+    the codec's unit tests check on the running system. Its output with a
+    dotted quad (such as ``::ffff:198.18.1.2``) can differ from the
+    :mod:`ipaddress` text, so those addresses go through :mod:`ipaddress`.
+    """
+    text = _text_by_packed.get(packed)
+    if text is not None:
+        return text
+    if len(packed) == 4:
+        text = socket.inet_ntop(socket.AF_INET, packed)
+    else:
+        text = socket.inet_ntop(socket.AF_INET6, packed)
+        if "." in text:
+            text = str(ipaddress.IPv6Address(packed))
+    if len(_text_by_packed) >= _ADDRESS_CACHE_SIZE:
+        _text_by_packed.clear()
+    _text_by_packed[packed] = text
+    return text
+
+
+def _packed_address(text: str) -> bytes:
+    """Return ``ipaddress.ip_address(text).packed``, cached for text addresses."""
+    # Only str keys are looked up and cached. ip_address() also takes integers
+    # and bytes, and a key of another type may be unhashable or equal to one
+    # of a different value (1.0 == 1, but ip_address(1.0) raises).
+    is_text = type(text) is str
+    if is_text:
+        packed = _packed_by_text.get(text)
+        if packed is not None:
+            return packed
+    packed = ipaddress.ip_address(text).packed
+    if is_text:
+        if len(_packed_by_text) >= _ADDRESS_CACHE_SIZE:
+            _packed_by_text.clear()
+        _packed_by_text[text] = packed
+    return packed
 
 
 # building
@@ -341,43 +409,43 @@ def _parse_tcp(
 def build_packet(segment: Segment, *, hop_limit: int = 64) -> bytes:
     """Build the IP packet for a segment, with IP and TCP checksums filled in."""
     version = segment.version
-    src = ipaddress.ip_address(segment.src).packed
-    dst = ipaddress.ip_address(segment.dst).packed
+    src = _packed_address(segment.src)
+    dst = _packed_address(segment.dst)
     if len(src) != (4 if version == 4 else 16) or len(dst) != len(src):
         raise ValueError(
             f"addresses {segment.src} and {segment.dst} do not match IPv{version}"
         )
     options = encode_options(segment.options)
     header_length = 20 + len(options)
-    tcp_header = _TCP_HEADER.pack(
-        segment.sport,
-        segment.dport,
-        segment.seq,
-        segment.ack,
-        (header_length // 4) << 4 | (segment.flags >> 8 & 0x01),
-        segment.flags & 0xFF,
-        segment.window,
-        0,
-        segment.urgent,
+    payload = segment.payload
+    tcp_length = header_length + len(payload)
+    tcp = bytearray(
+        _TCP_HEADER.pack(
+            segment.sport,
+            segment.dport,
+            segment.seq,
+            segment.ack,
+            (header_length // 4) << 4 | (segment.flags >> 8 & 0x01),
+            segment.flags & 0xFF,
+            segment.window,
+            0,
+            segment.urgent,
+        )
     )
-    tcp_length = header_length + len(segment.payload)
-    checksum = internet_checksum(
-        _pseudo_header(version, src, dst, tcp_length),
-        tcp_header,
-        options,
-        segment.payload,
-    )
-    tcp = bytearray(tcp_header)
-    tcp[16:18] = checksum.to_bytes(2, "big")
     tcp += options
-    tcp += segment.payload
+    tcp += payload
+    # Only the payload can have an odd length, so one pass over the pseudo
+    # header and the whole segment sums the same words as one pass per part.
+    checksum = internet_checksum(_pseudo_header(version, src, dst, tcp_length), tcp)
+    _CHECKSUM_FIELD.pack_into(tcp, 16, checksum)
     if version == 4:
-        ipv4 = bytearray(
+        packet = bytearray(
             _IPV4_HEADER.pack(
                 0x45, 0, 20 + tcp_length, 0, 0x4000, hop_limit, IPPROTO_TCP, 0, src, dst
             )
         )
-        ipv4[10:12] = internet_checksum(ipv4).to_bytes(2, "big")
-        return bytes(ipv4 + tcp)
+        _CHECKSUM_FIELD.pack_into(packet, 10, internet_checksum(packet))
+        packet += tcp
+        return bytes(packet)
     ipv6 = _IPV6_HEADER.pack(6 << 28, tcp_length, IPPROTO_TCP, hop_limit, src, dst)
-    return ipv6 + bytes(tcp)
+    return ipv6 + tcp

@@ -7,6 +7,35 @@ from dataclasses import dataclass
 
 from .seq import seq_add
 
+# Text form and IP version of the addresses seen most recently, emptied when
+# full. Parsing an address with ipaddress costs microseconds, and a shield with
+# many flows calls FlowKey.create and FlowKey.family for each of them.
+_ADDRESS_CACHE_SIZE = 4096
+_address_info: dict[str, tuple[str, int]] = {}
+
+
+def _parse_address(text: str) -> tuple[str, int]:
+    """Return the compressed text form and the version of an IP address.
+
+    Raises ValueError, as :func:`ipaddress.ip_address` does, for text that is
+    not an IPv4 or IPv6 address.
+    """
+    # Only str keys are looked up and cached. ip_address() also takes integers
+    # and bytes, and a key of another type may be unhashable or equal to one
+    # of a different value (1.0 == 1, but ip_address(1.0) raises).
+    is_text = type(text) is str
+    if is_text:
+        info = _address_info.get(text)
+        if info is not None:
+            return info
+    address = ipaddress.ip_address(text)
+    info = (str(address), address.version)
+    if is_text:
+        if len(_address_info) >= _ADDRESS_CACHE_SIZE:
+            _address_info.clear()
+        _address_info[text] = info
+    return info
+
 
 @dataclass(frozen=True, order=True)
 class FlowKey:
@@ -26,16 +55,16 @@ class FlowKey:
         cls, container_addr: str, container_port: int, peer_addr: str, peer_port: int
     ) -> FlowKey:
         return cls(
-            str(ipaddress.ip_address(container_addr)),
+            _parse_address(container_addr)[0],
             container_port,
-            str(ipaddress.ip_address(peer_addr)),
+            _parse_address(peer_addr)[0],
             peer_port,
         )
 
     @property
     def family(self) -> int:
         """IP version, 4 or 6."""
-        return ipaddress.ip_address(self.container_addr).version
+        return _parse_address(self.container_addr)[1]
 
     def __str__(self) -> str:
         def endpoint(addr: str, port: int) -> str:

@@ -1,3 +1,4 @@
+import ipaddress
 import random
 
 import pytest
@@ -18,6 +19,7 @@ from shieldproxy.tcp.segment import (
     internet_checksum,
     parse_packet_untrusted,
 )
+from shieldproxy.tcp.snapshot import FlowKey
 
 u32 = st.integers(min_value=0, max_value=2**32 - 1)
 u16 = st.integers(min_value=0, max_value=2**16 - 1)
@@ -138,6 +140,137 @@ def test_scapy_packet_parses_identically(segment):
     parsed = parse_packet_untrusted(packet, verify_checksum=True)
     assert parsed == segment
     assert parsed.checksum_ok is True
+
+
+@given(segments())
+def test_parse_inverts_build(segment):
+    parsed = parse_packet_untrusted(build_packet(segment), verify_checksum=True)
+    assert parsed == segment
+    assert parsed.checksum_ok is True
+
+
+def reference_checksum(*parts):
+    """RFC 1071 checksum one 16-bit word at a time, each part padded alone."""
+    total = 0
+    for part in parts:
+        padded = bytes(part) + b"\x00" * (len(part) % 2)
+        for index in range(0, len(padded), 2):
+            total += int.from_bytes(padded[index : index + 2], "big")
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+@given(st.lists(st.binary(max_size=80), max_size=4))
+def test_checksum_matches_word_by_word_sum(parts):
+    assert internet_checksum(*parts) == reference_checksum(*parts)
+
+
+@pytest.mark.parametrize("word", [0x0000, 0x0001, 0xFFFE, 0xFFFF])
+def test_checksum_of_repeated_word(word):
+    data = word.to_bytes(2, "big") * 3
+    assert internet_checksum(data) == reference_checksum(data)
+
+
+def hextets():
+    # zero runs of every length, so every compression case comes up
+    return st.lists(
+        st.sampled_from([0, 0, 0, 1, 0xFFFF]) | st.integers(0, 0xFFFF),
+        min_size=8,
+        max_size=8,
+    )
+
+
+IPV6_SPECIAL = [
+    "::",
+    "::1",
+    "::ffff:198.18.1.2",
+    "::198.18.1.2",
+    "::ffff:0:198.18.1.2",
+    "64:ff9b::198.18.1.2",
+    "2001:2::",
+    "2001:2:0:0:1::",
+    "2001:0:0:1:0:0:0:2",
+]
+
+
+def tcp_packet_from(src, dst):
+    version = ipaddress.ip_address(src).version
+    return build_packet(Segment(version, src, dst, 1, 2, 3, 4, ACK, 5))
+
+
+@given(hextets(), hextets())
+def test_parsed_ipv6_text_matches_ipaddress(src_words, dst_words):
+    src, dst = (
+        ipaddress.IPv6Address(b"".join(w.to_bytes(2, "big") for w in words))
+        for words in (src_words, dst_words)
+    )
+    segment = parse_packet_untrusted(tcp_packet_from(str(src), str(dst)))
+    assert segment.src == str(src)
+    assert segment.dst == str(dst)
+
+
+@pytest.mark.parametrize("text", IPV6_SPECIAL)
+def test_parsed_ipv6_special_text_matches_ipaddress(text):
+    segment = parse_packet_untrusted(tcp_packet_from(text, "2001:2::1"))
+    assert segment.src == str(ipaddress.IPv6Address(text))
+
+
+@given(st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4))
+def test_parsed_ipv4_text_matches_ipaddress(src, dst):
+    packet = tcp_packet_from(
+        str(ipaddress.IPv4Address(src)), str(ipaddress.IPv4Address(dst))
+    )
+    segment = parse_packet_untrusted(packet)
+    assert segment.src == str(ipaddress.IPv4Address(src))
+    assert segment.dst == str(ipaddress.IPv4Address(dst))
+
+
+def test_address_conversion_past_cache_size():
+    # more distinct addresses than the codec caches, twice over
+    for round_number in range(2):
+        for index in range(5000):
+            src = str(ipaddress.IPv4Address(0xC6120000 + index))
+            segment = parse_packet_untrusted(tcp_packet_from(src, "198.18.0.1"))
+            assert segment.src == src, round_number
+
+
+def test_build_rejects_invalid_address():
+    segment = Segment(4, "198.18.1.256", "198.18.2.2", 1, 2, 3, 4, ACK, 5)
+    with pytest.raises(ValueError, match="does not appear to be an IPv4"):
+        build_packet(segment)
+
+
+def test_build_rejects_address_of_other_version():
+    segment = Segment(4, "2001:2::1", "198.18.2.2", 1, 2, 3, 4, ACK, 5)
+    with pytest.raises(ValueError, match="do not match IPv4"):
+        build_packet(segment)
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical", "family"),
+    [
+        ("198.18.1.2", "198.18.1.2", 4),
+        ("2001:2:0:1:0:0:0:2", "2001:2:0:1::2", 6),
+        ("2001:0002:0000:0001::0002", "2001:2:0:1::2", 6),
+        ("::ffff:198.18.1.2", str(ipaddress.IPv6Address("::ffff:198.18.1.2")), 6),
+    ],
+)
+def test_flow_key_normalizes_addresses(text, canonical, family):
+    for _ in range(2):  # the second call reads the cache
+        key = FlowKey.create(text, 1, text, 2)
+        assert key.container_addr == canonical
+        assert key.peer_addr == canonical
+        assert key.family == family
+
+
+@pytest.mark.parametrize("text", ["198.18.1.256", "", "2001:2::1::2", "01.2.3.4"])
+def test_flow_key_rejects_invalid_address(text):
+    for _ in range(2):  # errors are not cached
+        with pytest.raises(ValueError):
+            FlowKey.create(text, 1, "198.18.1.2", 2)
+        with pytest.raises(ValueError):
+            _ = FlowKey(text, 1, "198.18.1.2", 2).family
 
 
 def test_checksum_detects_corruption():
