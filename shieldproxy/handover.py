@@ -126,10 +126,10 @@ def restored_right_edge(
     bytes. Linux advertises a zero window when its receive buffer is full, even
     if that moves the edge left, so a larger window would only be retracted.
     The edge lies at least one SCALE_UNIT (1 << the socket's receive window
-    scale) past the one the shield showed, because the restored kernel rounds
-    its window to that unit from its own ACK numbers: the edges it advertises
-    may then fall short of this one by less than a unit, but never short of the
-    shield's.
+    scale) past the one the shield showed. The restored kernel rounds its
+    window to that unit from its own ACK numbers, so the edges it advertises
+    may fall short of this one by less than a unit. They never fall short of
+    the shield's.
     """
     free_bytes = max(0, rcvbuf_bytes - queued_bytes) // 2
     edge = seq_add(handover.rcv_nxt, min(window_bytes, free_bytes))
@@ -165,7 +165,7 @@ def peer_close_segment(
         seq=handover.rcv_nxt,
         ack=snapshot.snd_una,
         flags=ACK | (RST if handover.reset else FIN),
-        # The peer's own window is not known here; about 64 KiB lets the
+        # The peer's own window is not known here. About 64 KiB lets the
         # container send its reply without a zero-window stall.
         window=max(1, 0xFFFF >> snapshot.snd_wscale),
         options=TcpOptions(timestamp=timestamp),
