@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from shieldproxy.criu.locate import import_pycriu_images
+from shieldproxy.kernel.repair import TCP_CLOSE, TCP_ESTABLISHED, TCP_STATES
 from shieldproxy.tcp.seq import seq_add, seq_diff, seq_gt, seq_lt
 from shieldproxy.tcp.snapshot import FlowKey, FlowSnapshot
 
@@ -44,22 +45,8 @@ TCPI_OPT_TIMESTAMPS = 1
 TCPI_OPT_SACK = 2
 TCPI_OPT_WSCALE = 4
 
-TCP_ESTABLISHED = 1
-TCP_STATE_NAMES = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
-}
+# TCP states as CRIU stores them, the kernel's numbers.
 _TCP_LISTEN = 10
-_TCP_CLOSE = 7
 
 # inet_sk_entry values, as in the Linux UAPI headers.
 _IP_VERSIONS = {int(socket.AF_INET): 4, int(socket.AF_INET6): 6}
@@ -413,7 +400,7 @@ def _make_flow(
 
 
 def _describe(socket_entry: Any) -> str:
-    state = TCP_STATE_NAMES.get(socket_entry.state, f"state {socket_entry.state}")
+    state = TCP_STATES.get(socket_entry.state, f"state {socket_entry.state}")
     return f"TCP socket inode {socket_entry.ino} ({state})"
 
 
@@ -447,7 +434,7 @@ def read_tcp_flows(image_dir: Path | str) -> list[ImageFlow]:
         if socket_entry.state != TCP_ESTABLISHED:
             level = (
                 logging.DEBUG
-                if socket_entry.state in (_TCP_LISTEN, _TCP_CLOSE)
+                if socket_entry.state in (_TCP_LISTEN, TCP_CLOSE)
                 else logging.INFO
             )
             log.log(level, "%s: skipping %s", image_dir, _describe(socket_entry))
