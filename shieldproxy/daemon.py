@@ -106,7 +106,9 @@ class ScopeRuntime:
     watch_generation: int = 0
     """Bumped to stop the running image watch, see Daemon.freeze."""
     restoring_into: Path | None = None
-    """Folder of a thaw that kept answering; the restore is under way."""
+    """Folder of a thaw after which the shield still acknowledges the peers.
+
+    It is set while a restore is under way."""
     in_images: dict[FlowKey, int] = field(default_factory=dict)
     """Bytes of each flow that such a thaw wrote into the images."""
     final: dict[FlowKey, FlowHandover] = field(default_factory=dict)
@@ -835,7 +837,7 @@ class Daemon:
             files.append(str(save_handover(handover, out_dir, now)))
         runtime.restoring_into = out_dir
         log.info(
-            "handed over scope %s so far: %d flows to %s, still answering",
+            "handed over scope %s so far: %d flows to %s, still acknowledging",
             runtime.config.name,
             len(files),
             out_dir,

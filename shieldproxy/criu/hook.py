@@ -8,11 +8,12 @@ takes its settings from the environment (``SHIELDPROXY_SOCKET``,
 requests to the shield daemon (gateway or sidecar):
 
 - ``pre-dump`` and ``network-lock``: freeze every scope that covers a TCP
-  socket of the dumped tree's network namespace. From here the daemon holds
-  the peers' packets, so none is lost to CRIU's own lock, and it watches the
-  image folder for each socket's tcp-stream image, which CRIU writes as soon
-  as it has stopped the socket; it answers from then on, some tens of
-  milliseconds after this stage for a small tree. The scope names go into a
+  socket of the dumped tree's network namespace. From here the daemon keeps
+  the peers' packets in the queue, so none is lost to CRIU's own lock. It
+  watches the image folder for each socket's tcp-stream image, which CRIU
+  writes as soon as it has stopped the socket, and acknowledges the peer from
+  then on: 0.15 s after this stage for socat and 0.33 s for redis-server in
+  the lab tests. The scope names go into a
   folder beside the images, so the restore stages find them, also on another
   host.
 - ``post-dump``: read every TCP flow from the complete images and hand the
@@ -24,10 +25,10 @@ requests to the shield daemon (gateway or sidecar):
   copied to a backup folder before its first change, and every rewrite starts
   from that copy, so a second restore attempt writes the same images.
 - ``post-restore``: announce the restored windows. The sockets are still in
-  repair mode, so the held packets stay held. The thaw at ``pre-restore`` let
-  the shield answer on while CRIU restored, so the daemon now stops answering
-  and appends what it acknowledged since to the restored sockets, through
-  TCP_REPAIR, when they are in its PID namespace.
+  repair mode, so the held packets stay held. After the thaw at
+  ``pre-restore`` the shield went on acknowledging while CRIU restored. The
+  daemon now stops and appends what it acknowledged since to the restored
+  sockets through TCP_REPAIR, when they are in its PID namespace.
 - ``pre-resume``: release. CRIU 4.2 has switched repair mode off by then and
   resumes the tasks right after. ``network-unlock`` releases nothing, because
   CRIU runs it before it switches repair off, and Linux 6.18 did not
@@ -98,7 +99,7 @@ _TCP_STATES = {_ESTABLISHED, "0A"}
 
 
 class HookError(RuntimeError):
-    """A stage of the hook failed; the message says which and why."""
+    """A stage of the hook failed. The message names the stage and the cause."""
 
 
 @dataclass(frozen=True)
@@ -408,8 +409,9 @@ def _thaw(context: HookContext, name: str) -> list[tuple[FlowHandover, float]]:
         "command": "thaw",
         "scope": name,
         "out_dir": str(folder),
-        # The shield answers on while CRIU restores, and gives the restored
-        # sockets what came since at post-restore, if it can reach them.
+        # The shield goes on acknowledging while CRIU restores. At
+        # post-restore it gives the restored sockets what came since, if it
+        # can reach them.
         "keep_answering": True,
         "requester_pid": os.getpid(),
     }

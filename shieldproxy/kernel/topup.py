@@ -2,8 +2,8 @@
 
 CRIU restores TCP sockets in repair mode and runs the ``post-restore`` action
 script before it switches repair off. Bytes the shield acknowledged after the
-images were written can still join the receive queue then, so the shield keeps
-answering the peers while CRIU restores. This module finds the restored sockets
+images were written can still join the receive queue then, so the shield goes
+on acknowledging the peers while CRIU restores. This module finds the restored sockets
 of a process tree (pidfd_getfd, which needs ptrace rights over the tree) and
 appends to a socket's receive queue with TCP_REPAIR_QUEUE, then moves its
 window and timestamp clock so neither goes back from what the shield showed.

@@ -498,10 +498,9 @@ class ShieldFlow:
         # must still not show the peer a lower ACK than it already saw.
         ack = rcv_nxt if seq_ge(rcv_nxt, self.ack_sent) else self.ack_sent
         window_bytes = max(0, seq_diff(edge, ack))
-        # Round down where that still keeps the shield's own edge: the restored
-        # kernel advertises its edge rounded to the scale unit from its own
-        # ACK numbers, so an edge rounded up here could lie up to one unit past
-        # every edge the kernel shows afterwards.
+        # Round down where that still keeps the shield's own edge. The restored
+        # kernel rounds its edge to the scale unit from its own ACK numbers, so
+        # an edge rounded up here could lie up to one unit past its later ones.
         window = window_bytes // unit
         if seq_lt(seq_add(ack, window * unit), self.right_edge):
             window = -(-window_bytes // unit)

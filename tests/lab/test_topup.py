@@ -60,13 +60,13 @@ def test_top_up_appends_and_moves_window(connection):
     rcv_nxt = get_u32(server, TCP_QUEUE_SEQ)
     clock = get_u32(server, TCP_TIMESTAMP)
     late = b"acknowledged by the shield during the restore"
-    wanted_edge = seq_add(rcv_nxt, 500_000)
+    requested_edge = seq_add(rcv_nxt, 500_000)
     new_rcv_nxt, edge = top_up(
         server,
         key=key,
         expected_rcv_nxt=rcv_nxt,
         data=late,
-        right_edge=wanted_edge,
+        right_edge=requested_edge,
         tsval_floor=seq_add(clock, 5000),
     )
     assert new_rcv_nxt == seq_add(rcv_nxt, len(late))
@@ -75,7 +75,7 @@ def test_top_up_appends_and_moves_window(connection):
     _, _, _, rcv_wnd, rcv_wup = WINDOW.unpack(raw)
     assert rcv_wup == new_rcv_nxt
     assert seq_add(rcv_wup, rcv_wnd) == edge
-    assert seq_diff(edge, wanted_edge) >= 0
+    assert seq_diff(edge, requested_edge) >= 0
     assert seq_diff(get_u32(server, TCP_TIMESTAMP), seq_add(clock, 5000)) >= 0
     # the low bit selects microsecond timestamps on Linux 6.7+, so it stays
     assert get_u32(server, TCP_TIMESTAMP) & 1 == clock & 1
@@ -131,13 +131,13 @@ def test_restored_sockets_found_in_child():
         )
         try:
             local, local_port, peer, peer_port = child.stdout.readline().split()
-            wanted = FlowKey.create(local, int(local_port), peer, int(peer_port))
+            flow_key = FlowKey.create(local, int(local_port), peer, int(peer_port))
             other = FlowKey.create("127.0.0.1", 1, "127.0.0.1", 2)
             assert child.pid in tree_pids(child.pid)
-            found = restored_sockets(child.pid, {wanted, other})
+            found = restored_sockets(child.pid, {flow_key, other})
             try:
-                assert set(found) == {wanted}
-                assert key_of(found[wanted]) == wanted
+                assert set(found) == {flow_key}
+                assert key_of(found[flow_key]) == flow_key
             finally:
                 for sock in found.values():
                     sock.close()
