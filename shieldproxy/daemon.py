@@ -437,14 +437,7 @@ class Daemon:
     ) -> FlowHandover:
         """Hand a flow over, including what an earlier process acknowledged."""
         assert self.shield is not None
-        handover = self.shield.handover(key, now)
-        carried = runtime.carried.get(key)
-        if carried is None:
-            return handover
-        start_seq, data = carried
-        return dataclasses.replace(
-            handover, start_seq=start_seq, data=data + handover.data
-        )
+        return _with_carried(runtime, key, self.shield.handover(key, now))
 
     def _save_frozen(self, runtime: ScopeRuntime) -> None:
         folder = scope_folder(self.config.state_dir, runtime.config.name)
@@ -827,12 +820,9 @@ class Daemon:
         files = []
         for key in sorted(runtime.flows):
             now = time.monotonic()
-            handover = self.shield.handover_so_far(key, now)
-            carried = runtime.carried.get(key)
-            if carried is not None:
-                handover = dataclasses.replace(
-                    handover, start_seq=carried[0], data=carried[1] + handover.data
-                )
+            handover = _with_carried(
+                runtime, key, self.shield.handover_so_far(key, now)
+            )
             runtime.in_images[key] = len(handover.data)
             files.append(str(save_handover(handover, out_dir, now)))
         runtime.restoring_into = out_dir
@@ -1141,3 +1131,14 @@ def _same_pid_namespace(pid: Any) -> bool:
 
 def _covers(scope: ScopeConfig, key: FlowKey) -> bool:
     return scope.covers(key.container_addr, key.container_port)
+
+
+def _with_carried(
+    runtime: ScopeRuntime, key: FlowKey, handover: FlowHandover
+) -> FlowHandover:
+    """Prepend the bytes an earlier daemon process acknowledged for KEY."""
+    carried = runtime.carried.get(key)
+    if carried is None:
+        return handover
+    start_seq, data = carried
+    return dataclasses.replace(handover, start_seq=start_seq, data=data + handover.data)
