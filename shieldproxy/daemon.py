@@ -52,7 +52,7 @@ from .journal import (
 from .kernel.netns import enter_netns
 from .kernel.nfqueue import QueueBinding, QueuedPacket
 from .kernel.rawsock import RawSender
-from .kernel.repair import SnapshotFileError, load_dump
+from .kernel.repair import TCP_ESTABLISHED, SnapshotFileError, load_dump
 from .kernel.rules import RulesError, RuleSet, remove_leftover_chains
 from .metrics import ShieldMetrics
 from .shield import Shield
@@ -691,23 +691,26 @@ class Daemon:
         try:
             image_dir = Path(watch["image_dir"])
             pending = {
-                int(inode): FlowKey.create(
-                    str(key["container_addr"]),
-                    int(key["container_port"]),
-                    str(key["peer_addr"]),
-                    int(key["peer_port"]),
+                int(inode): (
+                    FlowKey.create(
+                        str(key["container_addr"]),
+                        int(key["container_port"]),
+                        str(key["peer_addr"]),
+                        int(key["peer_port"]),
+                    ),
+                    int(key.get("state", TCP_ESTABLISHED)),
                 )
                 for inode, key in watch["flows"].items()
             }
             pending = {
-                inode: key
-                for inode, key in pending.items()
+                inode: (key, state)
+                for inode, (key, state) in pending.items()
                 if runtime.config.covers(key.container_addr, key.container_port)
             }
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ControlError(
                 'invalid request: \'watch\' must be {"image_dir": PATH, "flows": '
-                f"{{INODE: KEY}}}} ({exc})"
+                f"{{INODE: KEY}}}}, each KEY with an optional TCP state ({exc})"
             ) from None
         if self._nursery is None:
             raise ControlError("the daemon is not serving yet")
@@ -720,7 +723,7 @@ class Daemon:
         self,
         runtime: ScopeRuntime,
         image_dir: Path,
-        pending: dict[int, FlowKey],
+        pending: dict[int, tuple[FlowKey, int]],
         generation: int,
     ) -> None:
         """Add each pending flow once CRIU has written its tcp-stream image."""
@@ -741,7 +744,7 @@ class Daemon:
                 or runtime.watch_generation != generation
             ):
                 break
-            for inode, key in list(pending.items()):
+            for inode, (key, state) in list(pending.items()):
                 path = image_dir / stream_image_name(inode)
                 if key in runtime.flows:
                     del pending[inode]
@@ -750,7 +753,7 @@ class Daemon:
                     continue
                 try:
                     snapshot = await trio.to_thread.run_sync(
-                        read_stream_snapshot, path, key
+                        partial(read_stream_snapshot, path, key, state=state)
                     )
                 except ImageError:
                     continue  # CRIU is still writing it
@@ -766,7 +769,7 @@ class Daemon:
                 "scope %s: image watch ended with %d flows not seen: %s",
                 name,
                 len(pending),
-                ", ".join(str(key) for key in pending.values()),
+                ", ".join(str(key) for key, _ in pending.values()),
             )
 
     def thaw(

@@ -61,6 +61,7 @@ class _FlowCounts:
     absorbed_bytes: int
     acks_sent: int
     beyond_edge_bytes: int
+    after_fin_bytes: int
     dropped_segments: tuple[tuple[str, int], ...]
 
     @classmethod
@@ -69,6 +70,7 @@ class _FlowCounts:
             absorbed_bytes=stats.bytes_absorbed,
             acks_sent=stats.acks_sent,
             beyond_edge_bytes=stats.bytes_beyond_edge,
+            after_fin_bytes=stats.bytes_after_fin,
             dropped_segments=tuple(
                 (reason, getattr(stats, name))
                 for reason, name in SEGMENT_DROP_FIELDS.items()
@@ -116,6 +118,7 @@ class _Totals:
         self.absorbed_bytes[scope] += counts.absorbed_bytes
         self.acks_sent[scope] += counts.acks_sent
         self.dropped_bytes["beyond-edge"] += counts.beyond_edge_bytes
+        self.dropped_bytes["after-fin"] += counts.after_fin_bytes
         for reason, count in counts.dropped_segments:
             self.dropped_segments[reason] += count
 
@@ -182,7 +185,8 @@ class _ShieldCollector(Collector):
             "Peer payload bytes the shield dropped, by reason.",
             labels=["reason"],
         )
-        dropped_bytes.add_metric(["beyond-edge"], totals.dropped_bytes["beyond-edge"])
+        for reason in ("after-fin", "beyond-edge"):
+            dropped_bytes.add_metric([reason], totals.dropped_bytes[reason])
         yield dropped_bytes
 
         flows: Counter[tuple[str, str]] = Counter()

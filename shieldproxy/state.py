@@ -69,6 +69,10 @@ def snapshot_from_document(document: Any) -> FlowSnapshot:
             raise StateFileError(f"invalid snapshot: {name} {value!r} is not an int")
         if not 0 <= value < 2**32:
             raise StateFileError(f"invalid snapshot: {name} {value} is not 32-bit")
+    if not isinstance(snapshot.peer_fin, bool):
+        raise StateFileError(
+            f"invalid snapshot: peer_fin {snapshot.peer_fin!r} is not true or false"
+        )
     if isinstance(snapshot.rcv_wnd, bool) or not isinstance(snapshot.rcv_wnd, int):
         raise StateFileError(f"invalid snapshot: rcv_wnd {snapshot.rcv_wnd!r}")
     if not 0 <= snapshot.rcv_wnd < 2**31:

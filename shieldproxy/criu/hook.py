@@ -93,9 +93,10 @@ its own echoed TSvals.
 
 DUMP_STAGES = ("pre-dump", "network-lock", "post-dump")
 
-# /proc/net/tcp states whose local end is the container's: ESTABLISHED, LISTEN.
-_ESTABLISHED = "01"
-_TCP_STATES = {_ESTABLISHED, "0A"}
+# /proc/net/tcp states (the kernel's numbers in hex) of the sockets the hook
+# looks at: the connected states CRIU dumps with --tcp-established, and LISTEN.
+_CONNECTED = {"01", "04", "05", "08", "09", "0B"}
+_TCP_STATES = _CONNECTED | {"0A"}
 
 
 class HookError(RuntimeError):
@@ -221,15 +222,15 @@ def _engage(context: HookContext) -> str:
         return "no scope of the shield covers a TCP socket of this tree"
     for name in names:
         request: dict[str, Any] = {"command": "freeze", "scope": name}
-        established = {
+        connected = {
             str(entry.inode): entry.key_document()
             for entry in sockets
-            if entry.state == _ESTABLISHED
+            if entry.state in _CONNECTED
         }
-        if context.image_dir is not None and established:
+        if context.image_dir is not None and connected:
             request["watch"] = {
                 "image_dir": str(context.image_dir),
-                "flows": established,
+                "flows": connected,
             }
         call(context.socket_path, request)
     return f"froze scopes {', '.join(names)}"
@@ -247,16 +248,22 @@ class _ProcSocket:
     inode: int
 
     def key_document(self) -> dict[str, Any]:
+        """Return the flow key and the TCP state, as the daemon's watch reads them."""
+        # NOTE: the state is read before the freeze, so a FIN that arrives in
+        # between leaves it one state behind the dump. The post-dump stage
+        # reads the state from files.img, but the daemon keeps a flow it
+        # already shields.
         return {
             "container_addr": self.local_addr,
             "container_port": self.local_port,
             "peer_addr": self.remote_addr,
             "peer_port": self.remote_port,
+            "state": int(self.state, 16),
         }
 
 
 def _namespace_sockets(pid: int | None) -> list[_ProcSocket]:
-    """Return the ESTABLISHED and LISTEN TCP sockets of PID's network namespace."""
+    """Return the connected and LISTEN TCP sockets of PID's network namespace."""
     if pid is None:
         raise HookError(
             "CRTOOLS_INIT_PID is not set, so the dumped tree is unknown: set "

@@ -32,7 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from shieldproxy.criu.locate import import_pycriu_images
-from shieldproxy.kernel.repair import TCP_CLOSE, TCP_ESTABLISHED, TCP_STATES
+from shieldproxy.kernel.repair import (
+    TCP_CLOSE,
+    TCP_CLOSE_WAIT,
+    TCP_ESTABLISHED,
+    TCP_STATES,
+)
 from shieldproxy.tcp.seq import seq_add, seq_diff, seq_gt, seq_lt
 from shieldproxy.tcp.snapshot import FlowKey, FlowSnapshot
 
@@ -47,6 +52,25 @@ TCPI_OPT_WSCALE = 4
 
 # TCP states as CRIU stores them, the kernel's numbers.
 _TCP_LISTEN = 10
+TCP_FIN_WAIT1 = 4
+TCP_FIN_WAIT2 = 5
+TCP_LAST_ACK = 9
+TCP_CLOSING = 11
+
+CONNECTED_STATES = frozenset(
+    {
+        TCP_ESTABLISHED,
+        TCP_FIN_WAIT1,
+        TCP_FIN_WAIT2,
+        TCP_CLOSE_WAIT,
+        TCP_LAST_ACK,
+        TCP_CLOSING,
+    }
+)
+"""States of the connections CRIU dumps with --tcp-established and a shield
+can acknowledge for: ESTABLISHED and the half-closed states."""
+_FIN_SENT_STATES = frozenset({TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK, TCP_CLOSING})
+_FIN_RECEIVED_STATES = frozenset({TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING})
 
 # inet_sk_entry values, as in the Linux UAPI headers.
 _IP_VERSIONS = {int(socket.AF_INET): 4, int(socket.AF_INET6): 6}
@@ -80,10 +104,13 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageFlow:
-    """One ESTABLISHED TCP connection as CRIU dumped it.
+    """One connected TCP socket as CRIU dumped it, in one of CONNECTED_STATES.
 
     Local is the dumped process's end, remote the peer's. Sequence numbers are
-    raw 32-bit values.
+    raw 32-bit values, as CRIU's libsoccr stores them: ``outq_seq`` counts the
+    local FIN in the states after a local close, and ``inq_seq`` counts the
+    peer's FIN in the states after the peer's close, but ``outq_len`` and
+    ``unsq_len`` count data bytes only.
     """
 
     inode: int
@@ -135,6 +162,8 @@ class ImageFlow:
     """Modification time of the tcp-stream image in seconds since the epoch.
     CRIU writes the image right after reading the socket's state, and
     rewrite_tcp_flow keeps the time."""
+    state: int = TCP_ESTABLISHED
+    """TCP state from ``files.img``, the kernel's number (TCP_STATES)."""
 
     @property
     def key(self) -> FlowKey:
@@ -159,14 +188,50 @@ class ImageFlow:
         return bool(self.opt_mask & TCPI_OPT_WSCALE)
 
     @property
+    def fin_sent(self) -> bool:
+        """True when the process had closed its end: its FIN is in the send queue."""
+        return self.state in _FIN_SENT_STATES
+
+    @property
+    def fin_received(self) -> bool:
+        """True when the socket had received the peer's FIN."""
+        return self.state in _FIN_RECEIVED_STATES
+
+    @property
     def snd_una(self) -> int:
         """Oldest sequence number the peer has not acknowledged."""
-        return seq_add(self.outq_seq, -self.outq_len)
+        return self._send_bounds()[0]
 
     @property
     def snd_nxt(self) -> int:
-        """Sequence number of the first byte never sent."""
-        return seq_add(self.outq_seq, -self.unsq_len)
+        """Sequence number after the last byte (or FIN) sent."""
+        return self._send_bounds()[1]
+
+    def _send_bounds(self) -> tuple[int, int]:
+        return sequence_bounds(self.state, self.outq_seq, self.outq_len, self.unsq_len)
+
+
+def sequence_bounds(
+    state: int, outq_seq: int, outq_len: int, unsq_len: int
+) -> tuple[int, int]:
+    """Return (snd_una, snd_nxt) of a socket from its tcp-stream image fields.
+
+    In FIN_WAIT1, CLOSING and LAST_ACK the local FIN is sent or queued but not
+    acknowledged, one sequence number after the data. In FIN_WAIT2 the peer
+    acknowledged it. The image does not show whether a FIN behind no unsent
+    data left the host. This assumes it did, because Linux sends it at once
+    unless the peer's window is closed to the last byte, and a Linux peer
+    accepts an ACK one number beyond its rcv_nxt.
+    """
+    if state not in _FIN_SENT_STATES:
+        return seq_add(outq_seq, -outq_len), seq_add(outq_seq, -unsq_len)
+    data_end = seq_add(outq_seq, -1)
+    if state == TCP_FIN_WAIT2:
+        snd_una = outq_seq
+    else:
+        snd_una = seq_add(data_end, -outq_len)
+    snd_nxt = seq_add(data_end, -unsq_len) if unsq_len else outq_seq
+    return snd_una, snd_nxt
 
 
 def _unmapped(addr: str) -> str:
@@ -396,6 +461,7 @@ def _make_flow(
         send_queue=stream.send_queue,
         stream_image=stream_path,
         dumped_at=dumped_at,
+        state=int(socket_entry.state),
     )
 
 
@@ -408,10 +474,10 @@ def _describe(socket_entry: Any) -> str:
 
 
 def read_tcp_flows(image_dir: Path | str) -> list[ImageFlow]:
-    """Read every ESTABLISHED TCP connection of a CRIU image folder.
+    """Read every connected TCP socket of a CRIU image folder.
 
-    Returns the flows in the order of ``files.img``. TCP sockets in other states
-    (LISTEN, CLOSE, and the FIN states CRIU also dumps) are logged and skipped.
+    Returns the flows in CONNECTED_STATES, in the order of ``files.img``. TCP
+    sockets in other states (LISTEN, CLOSE, SYN_SENT) are logged and skipped.
 
     Raises:
         ImageError: ``files.img`` or a flow's tcp-stream image is missing,
@@ -431,7 +497,7 @@ def read_tcp_flows(image_dir: Path | str) -> list[ImageFlow]:
         socket_entry = file_entry.isk
         if socket_entry.type != _SOCK_STREAM or socket_entry.proto != _IPPROTO_TCP:
             continue
-        if socket_entry.state != TCP_ESTABLISHED:
+        if socket_entry.state not in CONNECTED_STATES:
             level = (
                 logging.DEBUG
                 if socket_entry.state in (_TCP_LISTEN, TCP_CLOSE)
@@ -476,17 +542,23 @@ def to_snapshot(flow: ImageFlow, *, taken_at: float | None = None) -> FlowSnapsh
         timestamps_ok=flow.timestamps_ok,
         tsval=flow.timestamp,
         taken_at=taken_at,
+        peer_fin=flow.fin_received,
     )
 
 
 def read_stream_snapshot(
-    path: Path | str, key: FlowKey, *, taken_at: float | None = None
+    path: Path | str,
+    key: FlowKey,
+    *,
+    state: int = TCP_ESTABLISHED,
+    taken_at: float | None = None,
 ) -> FlowSnapshot:
     """Build the shield's starting state from one tcp-stream image alone.
 
     CRIU writes a socket's tcp-stream image as soon as it has read the socket,
     long before ``files.img`` is complete, so a shield that learned KEY
-    (the socket's addresses) elsewhere can start answering from it during the
+    (the socket's addresses) and STATE (its TCP state, which only
+    ``files.img`` records) elsewhere can start answering from it during the
     dump. ``taken_at`` is as for to_snapshot.
 
     Raises:
@@ -503,13 +575,16 @@ def read_stream_snapshot(
         taken_at = time.monotonic() - max(0.0, time.time() - dumped_at)
     wscale_ok = bool(entry.opt_mask & TCPI_OPT_WSCALE)
     timestamps_ok = bool(entry.opt_mask & TCPI_OPT_TIMESTAMPS)
+    snd_una, snd_nxt = sequence_bounds(
+        state, int(entry.outq_seq), int(entry.outq_len), int(entry.unsq_len)
+    )
     return FlowSnapshot(
         key=key,
         rcv_nxt=int(entry.inq_seq),
         rcv_wup=int(entry.rcv_wup),
         rcv_wnd=int(entry.rcv_wnd),
-        snd_una=seq_add(int(entry.outq_seq), -int(entry.outq_len)),
-        snd_nxt=seq_add(int(entry.outq_seq), -int(entry.unsq_len)),
+        snd_una=snd_una,
+        snd_nxt=snd_nxt,
         rcv_wscale=int(entry.rcv_wscale) if wscale_ok else 0,
         snd_wscale=int(entry.snd_wscale) if wscale_ok else 0,
         mss=int(entry.mss_clamp),
@@ -517,6 +592,7 @@ def read_stream_snapshot(
         timestamps_ok=timestamps_ok,
         tsval=int(entry.timestamp) if timestamps_ok else 0,
         taken_at=taken_at,
+        peer_fin=state in _FIN_RECEIVED_STATES,
     )
 
 
@@ -547,9 +623,10 @@ def rewrite_tcp_flow(
     keeps its modification time. Returns the flow as rewritten.
 
     Raises:
-        ImageError: an image is bad, or INODE is not an ESTABLISHED TCP socket
+        ImageError: an image is bad, or INODE is not a connected TCP socket
             of the folder.
-        ValueError: a value does not fit in 32 bits, or would make CRIU's
+        ValueError: EXTRA_BYTES is not empty for a socket that had received
+            the peer's FIN, a value does not fit in 32 bits, or would make CRIU's
             restore fail because the kernel rejects rcv_wup after rcv_nxt and
             snd_wl1 after rcv_nxt + rcv_wnd. Also raised when the right edge
             rcv_wup + rcv_wnd would be before the dumped one, or the timestamp
@@ -563,6 +640,11 @@ def rewrite_tcp_flow(
         _check_u32("timestamp", timestamp)
 
     flow = _find_flow(image_dir, inode)
+    if extra_bytes and flow.fin_received:
+        raise ValueError(
+            f"flow {flow.key} is in state {TCP_STATES[flow.state]}: the peer's FIN "
+            f"ends its data, so {len(extra_bytes)} extra bytes cannot follow it"
+        )
     stream = _load_stream(flow.stream_image)
     entry = stream.message
 
@@ -665,7 +747,7 @@ def _find_flow(image_dir: Path, inode: int) -> ImageFlow:
     known = ", ".join(str(flow.inode) for flow in flows) or "none"
     raise ImageError(
         image_dir / FILES_IMAGE,
-        f"no ESTABLISHED TCP socket with inode {inode} (ESTABLISHED inodes: {known})",
+        f"no connected TCP socket with inode {inode} (connected inodes: {known})",
         "pass an inode that read_tcp_flows returns for this folder",
     )
 

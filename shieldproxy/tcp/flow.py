@@ -128,6 +128,9 @@ class FlowStats:
     bytes_duplicate: int = 0
     bytes_beyond_edge: int = 0
     """Payload bytes dropped because they were past the right edge."""
+    bytes_after_fin: int = 0
+    """Payload bytes dropped because they came after a FIN the container had
+    received before the freeze."""
     acks_sent: int = 0
     challenge_acks: int = 0
     challenge_acks_suppressed: int = 0
@@ -214,6 +217,7 @@ class ShieldFlow:
         "_last_tsval",
         "_fin_offset",
         "_fin_delivered",
+        "_fin_before_freeze",
         "_challenges",
         "_last_invalid_ack",
         "_next_trickle",
@@ -262,6 +266,8 @@ class ShieldFlow:
         self._last_tsval = snapshot.tsval
         self._fin_offset: int | None = None
         self._fin_delivered = False
+        # The FIN is behind rcv_nxt already, so the hand-over has no FIN to give.
+        self._fin_before_freeze = snapshot.peer_fin
         # created at the first challenge ACK, which most flows never send
         self._challenges: _RateLimit | None = None
         self._last_invalid_ack = float("-inf")
@@ -567,6 +573,12 @@ class ShieldFlow:
     def _absorb(self, seg: Segment, actions: list[Action]) -> None:
         offset = seq_diff(seg.seq, self._base)
         payload = seg.payload
+        if self._fin_before_freeze:
+            # A retransmitted FIN lies before rcv_nxt and gets the ACK the caller
+            # sends. Data after the FIN is a peer's error, which Linux ignores too
+            # (tcp_rcv_state_process in CLOSE_WAIT, CLOSING and LAST_ACK).
+            self.stats.bytes_after_fin += len(payload)
+            return
         if offset < 0:
             # before the snapshot: the container already has these bytes
             cut = min(-offset, len(payload))

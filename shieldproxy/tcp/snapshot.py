@@ -112,6 +112,9 @@ class FlowSnapshot:
     """CLOCK_MONOTONIC seconds at which ``tsval`` was read."""
     ts_recent: int | None = None
     """Last TSval the container saw from the peer, if known."""
+    peer_fin: bool = False
+    """True when the container had received the peer's FIN (CLOSE_WAIT,
+    LAST_ACK or CLOSING): ``rcv_nxt`` counts the FIN, and no more data comes."""
 
     @property
     def right_edge(self) -> int:

@@ -12,6 +12,7 @@ import pytest
 from shieldproxy.criu import images, locate
 from shieldproxy.criu.images import (
     ImageError,
+    read_stream_snapshot,
     read_tcp_flows,
     restore_backup,
     rewrite_tcp_flow,
@@ -131,7 +132,10 @@ def make_image_dir(pycriu_images, folder, flows=(FLOW_V4, FLOW_V6), **overrides)
         },
     ]
     for index, flow in enumerate(flows):
-        entries.append({"type": "INETSK", "id": 10 + index, "isk": socket_entry(flow)})
+        state = flow.get("state", "ESTABLISHED")
+        entries.append(
+            {"type": "INETSK", "id": 10 + index, "isk": socket_entry(flow, state)}
+        )
         write_image(
             pycriu_images,
             folder / stream_image_name(flow["ino"]),
@@ -248,6 +252,87 @@ def test_to_snapshot(pycriu_images, tmp_path):
     assert snapshot.tsval == TIMESTAMP
     assert snapshot.taken_at == 12.5
     assert snapshot.ts_recent is None
+
+
+# CRIU's libsoccr stores outq_seq with the local FIN counted in the states
+# after a local close, but outq_len and unsq_len without it.
+FIN_DATA_END = OUTQ_SEQ - 1
+
+
+@pytest.mark.parametrize(
+    ("state", "stream", "snd_una", "snd_nxt", "peer_fin"),
+    [
+        # the FIN waits behind unsent data
+        ("FIN_WAIT1", {}, FIN_DATA_END - len(SEND), FIN_DATA_END - UNSENT, False),
+        # every byte and the FIN left the host
+        ("FIN_WAIT1", {"unsq_len": 0}, FIN_DATA_END - len(SEND), OUTQ_SEQ, False),
+        ("FIN_WAIT2", {"outq_len": 0, "unsq_len": 0}, OUTQ_SEQ, OUTQ_SEQ, False),
+        ("CLOSE_WAIT", {}, OUTQ_SEQ - len(SEND), OUTQ_SEQ - UNSENT, True),
+        ("LAST_ACK", {"unsq_len": 0}, FIN_DATA_END - len(SEND), OUTQ_SEQ, True),
+        ("CLOSING", {"unsq_len": 0}, FIN_DATA_END - len(SEND), OUTQ_SEQ, True),
+    ],
+)
+def test_half_closed_flow_read(
+    pycriu_images, tmp_path, state, stream, snd_una, snd_nxt, peer_fin
+):
+    send = SEND if stream.get("outq_len") != 0 else b""
+    # pycriu's table of state names lacks CLOSING, so it goes in as a number
+    stored_state = 11 if state == "CLOSING" else state
+    folder = make_image_dir(
+        pycriu_images,
+        tmp_path / "img",
+        flows=[{**FLOW_V4, "state": stored_state}],
+        send=send,
+        **stream,
+    )
+    (flow,) = read_tcp_flows(folder)
+    assert images.TCP_STATES[flow.state] == state
+    assert flow.snd_una == snd_una
+    assert flow.snd_nxt == snd_nxt
+    snapshot = to_snapshot(flow, taken_at=1.0)
+    assert snapshot.snd_una == snd_una
+    assert snapshot.snd_nxt == snd_nxt
+    assert snapshot.rcv_nxt == INQ_SEQ
+    assert snapshot.peer_fin is peer_fin
+    # the daemon reads the stream image during the dump, before files.img
+    early = read_stream_snapshot(
+        stream_path(folder), flow.key, state=flow.state, taken_at=1.0
+    )
+    assert early == snapshot
+
+
+def test_rewrite_rejects_bytes_after_peer_fin(pycriu_images, tmp_path):
+    folder = make_image_dir(
+        pycriu_images, tmp_path / "img", flows=[{**FLOW_V4, "state": "CLOSE_WAIT"}]
+    )
+    with pytest.raises(ValueError, match="CLOSE_WAIT: the peer's FIN ends its data"):
+        rewrite_tcp_flow(
+            folder,
+            FLOW_V4["ino"],
+            extra_bytes=b"x",
+            rcv_wnd=60000,
+            rcv_wup=INQ_SEQ,
+            timestamp=None,
+            backup_dir=tmp_path / "backup",
+        )
+    assert not (tmp_path / "backup").exists()
+
+
+def test_rewrite_peer_fin_flow_sets_clock(pycriu_images, tmp_path):
+    folder = make_image_dir(
+        pycriu_images, tmp_path / "img", flows=[{**FLOW_V4, "state": "LAST_ACK"}]
+    )
+    rewritten = rewrite_tcp_flow(
+        folder,
+        FLOW_V4["ino"],
+        extra_bytes=b"",
+        rcv_wnd=60000,
+        rcv_wup=INQ_SEQ,
+        timestamp=TIMESTAMP + 5000,
+        backup_dir=tmp_path / "backup",
+    )
+    assert rewritten.timestamp == TIMESTAMP + 5000
+    assert read_tcp_flows(folder) == [rewritten]
 
 
 def test_to_snapshot_estimates_taken_at(pycriu_images, tmp_path):
@@ -461,7 +546,7 @@ def test_rewrite_rejects_snd_wl1_beyond_window(pycriu_images, tmp_path):
 
 def test_rewrite_unknown_inode(pycriu_images, tmp_path):
     folder = make_image_dir(pycriu_images, tmp_path / "img")
-    with pytest.raises(ImageError, match="no ESTABLISHED TCP socket with inode 5"):
+    with pytest.raises(ImageError, match="no connected TCP socket with inode 5"):
         rewrite_tcp_flow(
             folder,
             5,

@@ -30,6 +30,7 @@ def snapshot(
     timestamps=True,
     rcv_wup=None,
     ts_recent=None,
+    peer_fin=False,
 ):
     rcv_wup = RCV_NXT if rcv_wup is None else rcv_wup
     return FlowSnapshot(
@@ -47,6 +48,7 @@ def snapshot(
         tsval=TSVAL,
         taken_at=10.0,
         ts_recent=ts_recent,
+        peer_fin=peer_fin,
     )
 
 
@@ -273,6 +275,34 @@ def test_release_update_keeps_fin_acknowledged():
     )
     assert update.segment.ack == seq_add(RCV_NXT, 11)
     assert edge(update.segment, 0) == seq_add(RCV_NXT, 8192)
+
+
+def test_fin_before_freeze_retransmission_acknowledged():
+    # CLOSE_WAIT: the container took the peer's FIN, so RCV_NXT counts it
+    flow = ShieldFlow(snapshot(peer_fin=True))
+    reply = only_transmit(flow.receive(peer(-1, flags=ACK | FIN), now=10.0))
+    assert reply.segment.ack == RCV_NXT
+    assert flow.buffered_bytes == 0
+
+
+def test_data_after_fin_before_freeze_dropped():
+    flow = ShieldFlow(snapshot(peer_fin=True))
+    actions = flow.receive(peer(0, b"late" * 10, flags=ACK | FIN), now=10.0)
+    assert not any(isinstance(action, FinReceived) for action in actions)
+    assert only_transmit(actions).segment.ack == RCV_NXT
+    assert flow.stats.bytes_after_fin == 40
+    assert flow.stats.bytes_absorbed == 0
+    handover, final_ack = flow.handover(now=11.0)
+    assert final_ack is None
+    assert handover.data == b""
+    assert not handover.fin
+    assert handover.rcv_nxt == RCV_NXT
+
+
+def test_rst_after_fin_before_freeze_accepted():
+    flow = ShieldFlow(snapshot(peer_fin=True))
+    assert flow.receive(peer(0, flags=RST), now=10.0) == [ResetReceived()]
+    assert flow.handover(now=10.5)[0].reset
 
 
 def test_paws_rejects_old_timestamp():
