@@ -690,11 +690,11 @@ def restore_socket(
     flow = dump.key
     sock = socket.socket(dump.socket_family, socket.SOCK_STREAM)
     try:
-        _restore_into(sock, dump, extra_receive, right_edge, tsval)
+        window = _restore_into(sock, dump, extra_receive, right_edge, tsval)
         if peer_close is not None:
             rcv_nxt = seq_add(dump.rcv_nxt, len(extra_receive))
             _deliver_peer_close(sock, dump, rcv_nxt, peer_close, peer_tsval)
-        _restore_buffers(sock, dump)
+        _restore_buffers(sock, dump, window)
         sock.setblocking(True)
     except BaseException:
         _pending_unsent.pop(sock, None)
@@ -715,7 +715,8 @@ def _restore_into(
     extra_receive: bytes,
     right_edge: int | None,
     tsval: int | None,
-) -> None:
+) -> int:
+    """Rebuild the connection in SOCK; return the window it advertises, in bytes."""
     flow = dump.key
     # Non-blocking, so a queue write that does not fit fails instead of waiting for
     # buffer space that a socket in repair mode never frees.
@@ -754,7 +755,7 @@ def _restore_into(
 
     _write_receive_queue(sock, dump, dump.recv_queue + extra_receive)
     _write_send_queue(sock, dump)
-    _set_window(sock, dump, len(extra_receive), right_edge)
+    return _set_window(sock, dump, len(extra_receive), right_edge)
 
 
 def _set_queue_seq(sock: socket.socket, queue: int, seq: int, flow: FlowKey) -> None:
@@ -920,8 +921,10 @@ def _send_all(
 
 def _set_window(
     sock: socket.socket, dump: SocketDump, extra_len: int, right_edge: int | None
-) -> None:
+) -> int:
     """Set TCP_REPAIR_WINDOW so the advertised right edge never moves left.
+
+    Returns the window past the restored rcv_nxt, in bytes.
 
     After the hand-over the last ACK the peer saw came from the shield, for the
     restored rcv_nxt. So rcv_wup, the ack of the last window update, becomes the
@@ -950,6 +953,7 @@ def _set_window(
         "set TCP_REPAIR_WINDOW",
         dump.key,
     )
+    return seq_diff(seq_add(rcv_wup, rcv_wnd), rcv_nxt)
 
 
 def _deliver_peer_close(
@@ -1037,11 +1041,13 @@ def _tcp_state(sock: socket.socket) -> int:
     return state
 
 
-def _restore_buffers(sock: socket.socket, dump: SocketDump) -> None:
+def _restore_buffers(sock: socket.socket, dump: SocketDump, window: int) -> None:
     """Set the dumped buffer sizes and SO_BUF_LOCK bits.
 
     SO_*BUFFORCE locks a buffer size, and SO_BUF_LOCK then clears the lock where
-    the dumped socket had none, so autotuning resumes.
+    the dumped socket had none, so autotuning resumes. The receive buffer grows
+    past the dumped size where the queued bytes leave too little room for the
+    WINDOW bytes the socket advertises (see ensure_window_room).
     """
     flow = dump.key
     for option, size in (
@@ -1051,9 +1057,52 @@ def _restore_buffers(sock: socket.socket, dump: SocketDump) -> None:
         _setsockopt(
             sock, socket.SOL_SOCKET, option, size // 2, "restore buffer size", flow
         )
+    ensure_window_room(sock, window, flow)
     _setsockopt(
         sock, socket.SOL_SOCKET, SO_BUF_LOCK, dump.buf_lock, "set SO_BUF_LOCK", flow
     )
+
+
+WINDOW_MEMORY_FACTOR = 2
+"""Receive memory per window byte that ensure_window_room reserves. Linux 6.6+
+starts each socket from the same ratio (TCP_DEFAULT_SCALING_RATIO, half of the
+free receive buffer) until it has measured its real skb overhead."""
+
+
+def ensure_window_room(sock: socket.socket, window: int, flow: FlowKey | str) -> int:
+    """Grow the receive buffer so WINDOW more bytes fit after the queued ones.
+
+    A restored socket advertises the window the container and the shield showed,
+    but the bytes written in repair mode already take its memory. When the peer
+    fills that window and sk_rmem_alloc passes sk_rcvbuf, Linux drops the data
+    and advertises a zero window left of the edge it showed. So sk_rcvbuf
+    becomes at least the memory charged now plus WINDOW_MEMORY_FACTOR times
+    WINDOW plus one page. This overrides a smaller SO_RCVBUF the application
+    set, which is logged. Returns the receive buffer size afterwards.
+    """
+    current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    needed = _rmem_alloc(sock) + WINDOW_MEMORY_FACTOR * max(0, window) + 4096
+    if current >= needed:
+        return current
+    # SO_RCVBUFFORCE doubles its argument.
+    _setsockopt(
+        sock,
+        socket.SOL_SOCKET,
+        SO_RCVBUFFORCE,
+        (needed + 1) // 2,
+        "set SO_RCVBUFFORCE",
+        flow,
+    )
+    grown: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    log.info(
+        "%s: receive buffer raised from %d to %d bytes, so the %d-byte window "
+        "it advertises fits after the queued bytes",
+        flow,
+        current,
+        grown,
+        window,
+    )
+    return grown
 
 
 def finish_restore(sock: socket.socket, *, window_probe: bool = True) -> None:

@@ -34,6 +34,7 @@ from .repair import (
     _ioctl_int,
     _set_tcp_int,
     _setsockopt,
+    ensure_window_room,
     take_socket,
 )
 
@@ -163,6 +164,7 @@ def top_up(
         _send_all(sock, data, key)
     new_rcv_nxt = seq_add(rcv_nxt, len(data))
     edge = _set_window(sock, new_rcv_nxt, right_edge, key)
+    ensure_window_room(sock, seq_diff(edge, new_rcv_nxt), key)
     if tsval_floor is not None:
         clock = _get_tcp_int(sock, TCP_TIMESTAMP, "read TCP_TIMESTAMP", key)
         if seq_lt(clock, tsval_floor):
