@@ -60,6 +60,9 @@ CONTAINER_COUNTERS = (
 )
 LAB_ENV = "SHIELDPROXY_LAB"
 CAPTURE_SNAPLEN = 128
+PEER_DATA_LEAD_S = 0.3
+"""Seconds before the freeze at which the capture of the peer's data starts, so
+the capture shows what the peer had sent before the freeze."""
 STREAM_PORT = 5001
 
 
@@ -123,6 +126,11 @@ class ScenarioResult:
     bytes_handed_over: int = 0
     acks_sent: int = 0
     resume_gap_s: float | None = None
+    """From repair off to the first new byte the restored application reads,
+    after the handed-over ones."""
+    wire_resume_gap_s: float | None = None
+    """From repair off to the first byte the peer sends that it never sent
+    before, in the capture at the peer."""
     peer_counters: dict[str, int] = field(default_factory=dict)
     container_counters: dict[str, int] = field(default_factory=dict)
     max_right_edge_retraction: int | None = None
@@ -187,8 +195,11 @@ async def run_scenario(
                     hook="FORWARD", netns=lab.gw_ns)  # fmt: skip
     children: list[Child] = []
     capture: Child | None = None
+    data_capture: Child | None = None
     binding: QueueBinding | None = None
     sender: RawSender | None = None
+    peer_end: tuple[str, int] | None = None
+    resumed_wall: float | None = None
     try:
         async with trio.open_nursery() as nursery:
 
@@ -237,7 +248,23 @@ async def run_scenario(
                 "sender", lab.peer_ns, _client_command(config, ctr_addr)
             )
             accepted = await server.wait_for("accepted", 10)
-            await trio.sleep(config.warmup_s)
+            await trio.sleep(max(0.0, config.warmup_s - PEER_DATA_LEAD_S))
+            if config.capture:
+                # The peer's data is captured only from just before the freeze,
+                # because all of it would make a capture of hundreds of MB.
+                peer_addr = lab.peer_v4 if config.family == 4 else lab.peer_v6
+                data_capture = await start(
+                    "tcpdump-peer-data",
+                    lab.peer_ns,
+                    [
+                        "tcpdump", "-i", lab.peer_if, "-s", str(CAPTURE_SNAPLEN),
+                        "-U", "--immediate-mode", "-n",
+                        "-w", str(run_dir / "peer-data.pcap"),
+                        f"tcp and src host {peer_addr} and dst port {config.port}",
+                    ],
+                )  # fmt: skip
+                await _wait_for_capture(data_capture)
+            await trio.sleep(min(config.warmup_s, PEER_DATA_LEAD_S))
 
             # engage: divert or drop the peer's packets before the socket stops
             shield: Shield | None = None
@@ -263,6 +290,7 @@ async def run_scenario(
             sock = take_socket(accepted["pid"], accepted["fd"])
             try:
                 dump = dump_socket(sock)
+                peer_end = (dump.key.peer_addr, dump.key.peer_port)
                 frozen_at = time.monotonic()
                 result.timeline["frozen"] = frozen_at
                 # The peer's packets wait unanswered in the queue until the flow
@@ -380,6 +408,8 @@ async def run_scenario(
             await restored_server.send_line("go")
             resumed = await restored_server.wait_for("resumed", 10)
             result.timeline["resumed"] = resumed["t"]
+            # pcap times are wall-clock times
+            resumed_wall = time.time() - (time.monotonic() - resumed["t"])
             if daemon is not None:
                 await daemon.call(command="release")
             if shield is not None:
@@ -432,14 +462,34 @@ async def run_scenario(
             if sender is not None:
                 sender.close()
             for child in children:
-                if child is not capture:
+                if child is not capture and child is not data_capture:
                     await child.stop()
-            if capture is not None:
-                capture.signal(signal.SIGINT)  # tcpdump flushes its file on SIGINT
-                await capture.stop(timeout=5)
+            for tcpdump in (capture, data_capture):
+                if tcpdump is not None:
+                    # tcpdump flushes its file on SIGINT
+                    tcpdump.signal(signal.SIGINT)
+                    await tcpdump.stop(timeout=5)
     if capture is not None and (run_dir / "peer.pcap").exists():
         _check_capture(result, run_dir / "peer.pcap", (ctr_addr, config.port))
+    data_path = run_dir / "peer-data.pcap"
+    if data_capture is not None and data_path.exists():
+        if resumed_wall is not None and peer_end is not None:
+            _measure_wire_gap(result, data_path, peer_end, resumed_wall)
     return result
+
+
+def _measure_wire_gap(
+    result: ScenarioResult, path: Path, peer: tuple[str, int], resumed_wall: float
+) -> None:
+    from .pcapcheck import CaptureError, first_new_data_at
+
+    try:
+        sent_at = first_new_data_at(path, peer, resumed_wall)
+    except CaptureError as exc:
+        log.warning("cannot measure the resume gap in %s: %s", path, exc)
+        return
+    if sent_at is not None:
+        result.wire_resume_gap_s = sent_at - resumed_wall
 
 
 class _DaemonClient:
@@ -605,8 +655,8 @@ def format_table(report: DemoReport) -> str:
     def row(label: str, values: list[str]) -> None:
         rows.append((label, values))
 
-    def gap(run: ScenarioResult) -> str:
-        return "-" if run.resume_gap_s is None else f"{run.resume_gap_s:.3f} s"
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f} s"
 
     def retraction(run: ScenarioResult) -> str:
         if run.max_right_edge_retraction is None:
@@ -619,7 +669,14 @@ def format_table(report: DemoReport) -> str:
     runs = report.runs
     row("", [run.mode for run in runs])
     row("freeze", [f"{run.freeze_s:.1f} s" for run in runs])
-    row("resume gap (restore to first new byte)", [gap(run) for run in runs])
+    row(
+        "resume gap (repair off to the peer's first new byte)",
+        [seconds(run.wire_resume_gap_s) for run in runs],
+    )
+    row(
+        "application reads its first new byte",
+        [seconds(run.resume_gap_s) for run in runs],
+    )
     row("peer RTO timeouts", [str(run.peer_rto_timeouts) for run in runs])
     row("peer retransmitted segments", [str(run.peer_retransmits) for run in runs])
     probes = [run.peer_counters.get("TcpExtTCPWinProbe", 0) for run in runs]

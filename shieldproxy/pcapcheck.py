@@ -698,6 +698,38 @@ def _check_records(
         checker.check_segment(number, timestamp, segment)
 
 
+def first_new_data_at(path: str | Path, sender: Endpoint, after: float) -> float | None:
+    """Return when SENDER first sent a byte it had not sent before time AFTER.
+
+    Times are the capture's (seconds since the epoch). Sequence numbers are
+    unwrapped segment by segment, so a stream past 4 GiB works. Returns
+    None when no such segment is in the capture.
+
+    Raises CaptureError for an unreadable capture and OSError when the file
+    cannot be opened.
+    """
+    address, port = _normalize_endpoint(sender)
+    last_seq: int | None = None
+    offset = 0  # unwrapped position of last_seq, from the first segment
+    highest_end = 0
+    for _number, timestamp, ip, _captured in _PcapReader(str(path)):
+        try:
+            segment = parse_packet_untrusted(ip)
+        except MalformedSegment:
+            continue
+        if not segment.payload or (segment.src, segment.sport) != (address, port):
+            continue
+        if last_seq is not None:
+            offset += seq_diff(segment.seq, last_seq)
+        last_seq = segment.seq
+        end = offset + len(segment.payload)
+        if timestamp < after:
+            highest_end = max(highest_end, end)
+        elif end > highest_end:
+            return timestamp
+    return None
+
+
 def _header_end(ip: bytes, payload_length: int) -> int:
     """Return the offset where the TCP payload starts in a parsed IP packet."""
     if ip[0] >> 4 == 4:

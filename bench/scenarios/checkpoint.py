@@ -76,6 +76,7 @@ class CheckpointRun:
             "mode": result.mode,
             "freeze_s": result.freeze_s,
             "resume_gap_s": result.resume_gap_s,
+            "wire_resume_gap_s": result.wire_resume_gap_s,
             "peer_rto_timeouts": result.peer_rto_timeouts,
             "peer_retransmits": result.peer_retransmits,
             "peer_counters": result.peer_counters,

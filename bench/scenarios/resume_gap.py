@@ -26,15 +26,15 @@ MEASURES = (
     "A peer streams 4 MiB/s through the gateway to a receiver in the container "
     "namespace. The receiver's socket is dumped with TCP_REPAIR, the process is "
     "killed, and after the freeze the socket is restored in a new process. "
-    "**Resume gap**: from switching repair off to the first byte the restored "
-    "application receives beyond the handed-over ones; it includes reading the "
-    "handed-over bytes. **RTO timeouts** and **retransmitted segments**: the "
-    "peer namespace's `TcpExtTCPTimeouts` and `TcpRetransSegs`. **cwnd at "
-    "resume**: the peer socket's `tcpi_snd_cwnd` (TCP_INFO, sampled every 10 ms) "
-    "when repair goes off. **Peer sends again**: from repair off to the next "
-    "increase of the peer socket's `tcpi_bytes_sent`, retransmissions included "
-    "(10 ms resolution). Baseline: plain DROP rules in the gateway, as CRIU's "
-    "network lock."
+    "**Resume gap**: from switching repair off to the first byte the peer "
+    "sends that it never sent before, in a capture on the peer's interface "
+    "(the byte reaches the container one lab hop later). **Application reads "
+    "a new byte**: from repair off to the first such byte the restored "
+    "application reads, after it has read the handed-over ones. **RTO "
+    "timeouts** and **retransmitted segments**: the peer namespace's "
+    "`TcpExtTCPTimeouts` and `TcpRetransSegs`. **cwnd at resume**: the peer "
+    "socket's `tcpi_snd_cwnd` (TCP_INFO, sampled every 10 ms) when repair goes "
+    "off. Baseline: plain DROP rules in the gateway, as CRIU's network lock."
 )
 
 
@@ -62,7 +62,7 @@ async def run(context: Context) -> ScenarioReport:
             checkpoint = await run_checkpoint(context, config, run_dir, label)
             runs[(freeze, mode)] = checkpoint
             checkpoint.write_samples(run_dir / f"peer-tcp-info-{mode}.csv")
-            gap = checkpoint.result.resume_gap_s
+            gap = checkpoint.result.wire_resume_gap_s
             gap_text = "no resume" if gap is None else f"resume gap {gap:.3f} s"
             context.progress.step(
                 f"  {label}: {gap_text}, integrity {checkpoint.result.integrity}"
@@ -89,13 +89,13 @@ def figures(
             "" if limit is None else f"≤ lab RTT + 50 ms ({limit * 1000:.0f} ms)"
         )
         gap_met = None
-        if limit is not None and shield.resume_gap_s is not None:
-            gap_met = shield.resume_gap_s <= limit
+        if limit is not None and shield.wire_resume_gap_s is not None:
+            gap_met = shield.wire_resume_gap_s <= limit
         result.append(
             Figure(
                 f"resume gap, {f}",
-                shield.resume_gap_s,
-                baseline.resume_gap_s,
+                shield.wire_resume_gap_s,
+                baseline.wire_resume_gap_s,
                 unit="s",
                 digits=3,
                 target=gap_target,
@@ -103,8 +103,8 @@ def figures(
             )
         )
         ratio = None
-        if shield.resume_gap_s and baseline.resume_gap_s is not None:
-            ratio = baseline.resume_gap_s / shield.resume_gap_s
+        if shield.wire_resume_gap_s and baseline.wire_resume_gap_s is not None:
+            ratio = baseline.wire_resume_gap_s / shield.wire_resume_gap_s
         is_target_freeze = freeze == RATIO_TARGET_FREEZE_S
         result.append(
             Figure(
@@ -118,9 +118,9 @@ def figures(
         )
         result.append(
             Figure(
-                f"peer sends again after repair off, {f}",
-                runs[(freeze, "shielded")].peer_send_gap(),
-                runs[(freeze, "baseline")].peer_send_gap(),
+                f"application reads a new byte, {f}",
+                shield.resume_gap_s,
+                baseline.resume_gap_s,
                 unit="s",
                 digits=3,
             )
@@ -174,16 +174,21 @@ def _gap_notes(
     lines = []
     limit = None if lab_rtt_s is None else lab_rtt_s + GAP_MARGIN_S
     for (freeze, mode), checkpoint in runs.items():
-        gap = checkpoint.result.resume_gap_s
+        gap = checkpoint.result.wire_resume_gap_s
         if mode != "shielded" or limit is None or gap is None or gap <= limit:
             continue
-        send_gap = checkpoint.peer_send_gap()
-        send_text = "-" if send_gap is None else f"{send_gap * 1000:.0f} ms"
-        handed_over = checkpoint.result.bytes_handed_over
+        timeline = checkpoint.result.timeline
+        released = timeline.get("released")
+        resumed = timeline.get("resumed")
+        release_text = (
+            "-"
+            if released is None or resumed is None
+            else f"{(released - resumed) * 1000:.0f} ms"
+        )
         lines.append(
-            f"{freeze:g} s shielded: the resume gap of {gap * 1000:.0f} ms includes "
-            f"the receiver reading the {handed_over:,} handed-over bytes first. "
-            f"The peer sent again {send_text} after repair off."
+            f"{freeze:g} s shielded: the peer sent its first new byte "
+            f"{gap * 1000:.0f} ms after repair off; releasing the held packets "
+            f"and removing the rules took {release_text} of that."
         )
     return lines
 
@@ -234,7 +239,7 @@ def draw(
         )
         names.append(name)
     gaps: dict[str, list[float | None]] = {
-        mode: [runs[(f, mode)].result.resume_gap_s for f in freezes]
+        mode: [runs[(f, mode)].result.wire_resume_gap_s for f in freezes]
         for mode in ("shielded", "baseline")
     }
     limit = None if context.lab_rtt_s is None else context.lab_rtt_s + GAP_MARGIN_S

@@ -69,6 +69,7 @@ def test_resume_gap_runs_both_modes(quick_run):
     for run in runs:
         assert run["integrity"] == "ok", run
         assert run["resume_gap_s"] is not None, run
+        assert run["wire_resume_gap_s"] is not None, run
         assert run["probe_samples"] > 0, run
 
 

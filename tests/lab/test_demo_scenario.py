@@ -86,6 +86,7 @@ def check_shielded_run(result):
     # counted. The shield's own ACKs never go back: the flow tests check that.
     assert result.ack_regressions is not None
     assert result.resume_gap_s is not None
+    assert result.wire_resume_gap_s is not None
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -107,6 +108,9 @@ def test_unshielded_freeze_shows_retransmissions(checked_lab, tmp_path):
     assert result.peer_retransmits > 0
     assert result.resume_gap_s is not None
     assert result.resume_gap_s > 0.2
+    # the peer's first new byte waited for its next retransmission timeout
+    assert result.wire_resume_gap_s is not None
+    assert result.wire_resume_gap_s > 0.2
     assert_no_shield_rules(checked_lab)
 
 

@@ -15,6 +15,7 @@ from shieldproxy.pcapcheck import (
     CaptureError,
     Check,
     check_capture,
+    first_new_data_at,
     format_report,
     main,
     parse_endpoint,
@@ -646,3 +647,34 @@ def test_main_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert data["violations"][0]["amount"] == 128
     assert data["only_from"] == f"{SERVER}:{SPORT}"
     assert data["directions"][0]["max_right_edge_retraction"] == 128
+
+
+def peer_data(seq: int, length: int) -> bytes:
+    packet = seg(CLIENT, SERVER, CPORT, SPORT, "A", seq, ISN_S, payload=b"d" * length)
+    return bytes(ether() / packet)
+
+
+@pytest.mark.parametrize("start", [ISN_C, 2**32 - 1500], ids=["plain", "wrapping"])
+def test_first_new_data_after_retransmission(tmp_path, start):
+    frames = [
+        peer_data(start, 1000),
+        peer_data((start + 1000) % 2**32, 1000),
+        # after the resume: a retransmission, then bytes never sent before
+        peer_data(start, 1000),
+        peer_data((start + 1000) % 2**32, 1500),
+        bytes(ether() / seg(SERVER, CLIENT, SPORT, CPORT, "A", ISN_S, start)),
+    ]
+    times = [(1700000000, 0), (1700000000, 1000), (1700000005, 0),
+             (1700000005, 250000), (1700000006, 0)]  # fmt: skip
+    path = write_pcap(tmp_path / "data.pcap", frames, timestamps=times)
+    found = first_new_data_at(path, (CLIENT, CPORT), after=1700000004.0)
+    assert found == pytest.approx(1700000005.25)
+
+
+def test_first_new_data_none_without_new_bytes(tmp_path):
+    frames = [peer_data(ISN_C, 1000), peer_data(ISN_C, 1000)]
+    times = [(1700000000, 0), (1700000005, 0)]
+    path = write_pcap(tmp_path / "data.pcap", frames, timestamps=times)
+    assert first_new_data_at(path, (CLIENT, CPORT), after=1700000004.0) is None
+    # another sender's bytes do not count
+    assert first_new_data_at(path, (SERVER, SPORT), after=1699999999.0) is None
