@@ -16,16 +16,26 @@ Each lab has a random 6-hex id. Its namespaces are
 created directly inside the lab namespaces, so deleting the namespaces deletes
 them. A JSON record of each lab in ``/run/shieldproxy/labs`` lets ``lab_down_all``
 find labs of crashed runs.
+
+The record also names the lab's owner: the process that created it, with its
+start time, and the lab's lifetime. A ``process`` lab belongs to that process
+(the ``lab()`` context manager, the demo, the tests), and when the process has
+exited without removing it, for example after SIGKILL, the next ``lab_up`` of
+any process removes it. A ``persistent`` lab (``shieldproxy lab up``) stays
+until ``lab_down``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import secrets
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +50,15 @@ from shieldproxy.kernel.netns import (
     run_command,
     run_in_netns,
 )
+from shieldproxy.lab.records import (
+    Lifetime,
+    current_owner,
+    own_pid_namespace,
+    owner_from_record,
+    read_lab_record,
+    read_process,
+    stale_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +71,12 @@ MAX_EXTRA_PEER_ADDRESSES = 250
 _ID_RE = re.compile(r"^[0-9a-f]{6}$")
 _LAB_NETNS_RE = re.compile(r"^sp-([0-9a-f]{6})-(peer|gw|ctr|atk|ctr2)$")
 _COMMAND_TIMEOUT = 30.0
+# Seconds lab_up waits for another process's removal of stale labs to finish
+# before it skips its own. Removing one lab takes well under 1 s.
+REAP_LOCK_TIMEOUT = 30.0
+# Seconds the removal of a stale lab waits for the processes it killed in the
+# lab's namespaces to exit.
+KILL_WAIT_TIMEOUT = 5.0
 # Seconds lab_up waits for carrier on the veths. It took under 0.1 s here.
 READY_TIMEOUT = 10.0
 
@@ -262,10 +287,15 @@ def _make_lab(
     )
 
 
-def _write_record(lab: Lab) -> Path:
+def _write_record(lab: Lab, lifetime: Lifetime) -> Path:
     RECORD_DIR.mkdir(parents=True, exist_ok=True)
     path = RECORD_DIR / f"{lab.lab_id}.json"
-    record = {"pid": os.getpid(), "created": time.time(), "lab": asdict(lab)}
+    record = {
+        "pid": os.getpid(),
+        "created": time.time(),
+        "owner": asdict(current_owner(lifetime)),
+        "lab": asdict(lab),
+    }
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(record, indent=2) + "\n")
     temporary.replace(path)
@@ -407,18 +437,177 @@ def _wait_ready(lab: Lab, timeout: float) -> None:
         time.sleep(0.02)
 
 
+def _namespace_pids(name: str) -> list[int]:
+    """Return the pids of the processes in network namespace NAME."""
+    try:
+        result = subprocess.run(
+            ["ip", "netns", "pids", name],
+            capture_output=True,
+            text=True,
+            timeout=_COMMAND_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise LabError(f"command ['ip', 'netns', 'pids', {name!r}] timed out") from None
+    if result.returncode != 0:
+        raise LabError(
+            f"command ['ip', 'netns', 'pids', {name!r}] exited {result.returncode}: "
+            f"{result.stderr.strip()}"
+        )
+    return [int(word) for word in result.stdout.split() if word.isdigit()]
+
+
+def _process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def _kill_namespace_processes(lab_id: str) -> list[str]:
+    """SIGKILL every process in the namespaces of lab LAB_ID and wait for them.
+
+    A process left in a deleted namespace keeps that namespace and its veths
+    alive, so a stale lab is only gone once they have exited.
+
+    Returns:
+        The killed processes as ``"killed pid 123 (tcpdump)"``.
+    """
+    prefix = f"{NETNS_PREFIX}{lab_id}-"
+    names = [name for name in _list_netns() if name.startswith(prefix)]
+    killed: list[str] = []
+    own = os.getpid()
+    for name in names:
+        for pid in _namespace_pids(name):
+            if pid == own:
+                continue
+            description = f"killed pid {pid} ({_process_name(pid)})"
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            killed.append(description)
+    deadline = time.monotonic() + KILL_WAIT_TIMEOUT
+    pending = names if killed else []
+    while pending:
+        pending = [name for name in pending if _namespace_pids(name)]
+        if not pending:
+            break
+        if time.monotonic() >= deadline:
+            log.warning(
+                "lab %s: processes still in %s %.0f s after SIGKILL",
+                lab_id,
+                pending,
+                KILL_WAIT_TIMEOUT,
+            )
+            break
+        time.sleep(0.02)
+    return killed
+
+
+@contextmanager
+def _reap_lock(timeout: float) -> Iterator[bool]:
+    """Hold an exclusive lock on RECORD_DIR for the block, or yield False on timeout.
+
+    Two processes that removed the same stale lab at once would each find the
+    other's half-deleted namespaces, and one of them would fail.
+    """
+    RECORD_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(RECORD_DIR / ".reap.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.05)
+        yield True
+    finally:
+        # closing the descriptor releases the lock
+        os.close(fd)
+
+
+def reap_stale_labs() -> dict[str, list[str]]:
+    """Remove every lab that belongs to a process that has exited.
+
+    Kills the processes still running in the lab's namespaces, then removes the
+    lab as lab_down does, and logs one WARNING per lab with what was removed.
+    Labs without an owner in their record (written by older code), persistent
+    labs and labs whose owner is alive are left alone, as stale_reason decides.
+    A lab whose removal fails is logged and left for the next call.
+
+    Returns:
+        By lab id, the killed processes and removed items.
+    """
+    reaped: dict[str, list[str]] = {}
+    if not RECORD_DIR.is_dir():
+        return reaped
+    with _reap_lock(REAP_LOCK_TIMEOUT) as locked:
+        if not locked:
+            log.warning(
+                "skipped removing stale labs: another process held %s for %.0f s",
+                RECORD_DIR / ".reap.lock",
+                REAP_LOCK_TIMEOUT,
+            )
+            return reaped
+        pid_namespace = own_pid_namespace()
+        for path in sorted(RECORD_DIR.glob("*.json")):
+            lab_id = path.stem
+            if not _ID_RE.fullmatch(lab_id):
+                continue
+            record = read_lab_record(path)
+            if record is None:
+                continue
+            try:
+                reason = stale_reason(
+                    owner_from_record(record),
+                    process_of=read_process,
+                    pid_namespace=pid_namespace,
+                )
+            except (OSError, ValueError) as exc:
+                log.warning(
+                    "reading the owner process of lab %s failed, so the lab is "
+                    "kept: %s",
+                    lab_id,
+                    exc,
+                )
+                continue
+            if reason is None:
+                continue
+            try:
+                killed = _kill_namespace_processes(lab_id)
+                removed = killed + lab_down(lab_id)
+            except (LabError, OSError, subprocess.SubprocessError) as exc:
+                log.error("removing stale lab %s failed (%s): %s", lab_id, reason, exc)
+                continue
+            reaped[lab_id] = removed
+            log.warning(
+                "removed stale lab %s because %s: %s",
+                lab_id,
+                reason,
+                ", ".join(removed) or "nothing was left",
+            )
+    return reaped
+
+
 def lab_up(
     *,
     extra_peer_addresses: int = 0,
     attacker: bool = False,
     second_container: bool = False,
     lab_id: str | None = None,
+    persistent: bool = False,
 ) -> Lab:
     """Create a lab and return its description.
 
-    The record in RECORD_DIR is written before anything else, and on any failure,
-    KeyboardInterrupt included, everything created so far is removed before the
-    exception propagates.
+    First removes the labs of processes that have exited, as reap_stale_labs
+    does. The record in RECORD_DIR is written before anything else of the new
+    lab, and on any failure, KeyboardInterrupt included, everything created so
+    far is removed before the exception propagates.
 
     Args:
         extra_peer_addresses: additional peer addresses 198.18.1.3, .4, ... and
@@ -427,6 +616,9 @@ def lab_up(
         second_container: also create a second container namespace (ctr2) on
             198.18.4.0/24, behind the same gateway.
         lab_id: 6 lowercase hex digits; random and unused when None.
+        persistent: keep the lab after the calling process exits, until
+            lab_down. Otherwise the lab belongs to the calling process, and once
+            that process has exited, the next lab_up of any process removes it.
 
     Raises:
         LabError: a command failed or LAB_ID is already in use.
@@ -436,6 +628,7 @@ def lab_up(
             f"invalid extra_peer_addresses {extra_peer_addresses}: "
             f"use 0-{MAX_EXTRA_PEER_ADDRESSES}"
         )
+    reap_stale_labs()
     if lab_id is None:
         lab_id = _new_lab_id()
     else:
@@ -448,10 +641,11 @@ def lab_up(
                 f"lab_down({lab_id!r})"
             )
     lab = _make_lab(lab_id, extra_peer_addresses, attacker, second_container)
-    _write_record(lab)
     try:
+        _write_record(lab, "persistent" if persistent else "process")
         _build(lab)
         _wait_ready(lab, READY_TIMEOUT)
+        log.info("lab %s up: namespaces %s", lab_id, ", ".join(lab.namespaces))
     except BaseException:
         log.warning("lab %s setup failed, removing what was created", lab_id)
         try:
@@ -460,11 +654,6 @@ def lab_up(
             # Keep the setup error as the one that propagates.
             log.exception("cleanup of failed lab %s failed", lab_id)
         raise
-    log.info(
-        "lab %s up: namespaces %s",
-        lab_id,
-        ", ".join(lab.namespaces),
-    )
     return lab
 
 
@@ -513,11 +702,39 @@ def _root_links(prefix: str) -> list[str]:
     return names
 
 
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold back SIGINT during the block, and deliver it once the block is done.
+
+    Only the main thread can change signal handlers, so in other threads, and
+    when the SIGINT handler was not installed from Python, the block runs
+    without this protection.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    received: list[int] = []
+
+    def remember(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGINT, remember)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
+
+
 def lab_down(lab_id: str) -> list[str]:
     """Remove every namespace ``sp-<lab_id>-*``, stray root links and the record.
 
     Works from ``ip netns list``, not from the record, so it also cleans up after a
-    crash in the middle of lab_up.
+    crash in the middle of lab_up. A SIGINT (Ctrl-C) that arrives meanwhile in
+    the main thread takes effect once the lab is removed, so it cannot leave
+    half a lab behind.
 
     Returns:
         The removed namespace names, root-namespace link names and record path.
@@ -526,6 +743,11 @@ def lab_down(lab_id: str) -> list[str]:
         LabError: something of the lab is still present after removal.
     """
     _check_id(lab_id)
+    with _sigint_deferred():
+        return _remove_lab(lab_id)
+
+
+def _remove_lab(lab_id: str) -> list[str]:
     removed: list[str] = []
     prefix = f"{NETNS_PREFIX}{lab_id}-"
     for name in _list_netns():
