@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .config import format_errors
+from .flows_cli import add_journal_commands, flows_from_journals
 
 
 def _positive_seconds(text: str) -> float:
@@ -169,8 +170,13 @@ def _add_daemon_commands(sub: Any) -> None:
     thaw.add_argument("--scope", required=True, help="scope name from the config")
     thaw.add_argument("--out", type=Path, required=True, help="folder for hand-overs")
     control("status", "show each scope's state and counters")
-    flows = control("flows", "list the shielded flows")
+    flows = control(
+        "flows",
+        "list the daemon's shielded flows; 'flows list' and 'flows export' read "
+        "its journals",
+    )
     flows.add_argument("--scope", help="only this scope")
+    add_journal_commands(flows)
     announce = control(
         "announce", "send restored sockets' windows, still holding packets"
     )
@@ -215,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.config_command == "check":
             return check_main(args.file)
         return schema_main()
+    if args.command == "flows" and args.flows_command is not None:
+        return flows_from_journals(args)
     if args.command in ("freeze", "thaw", "status", "flows", "announce", "release"):
         return _control(args)
     if args.command == "criu-hook":
@@ -433,6 +441,8 @@ def _lab(args: argparse.Namespace) -> int:
             attacker=args.attacker,
             second_container=args.second_container,
             extra_peer_addresses=args.extra_peer_addresses,
+            # the lab outlives this command, until 'lab down'
+            persistent=True,
         )
         print(json.dumps(lab.__dict__, indent=2, default=str))
         print(f"remove it with: shieldproxy lab down {lab.lab_id}", file=sys.stderr)

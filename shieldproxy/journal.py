@@ -17,8 +17,9 @@ the body and a CRC-32 of type and body. A record cut short or with a bad CRC
 ends the journal: it can only be the last write of a process that died, whose
 ACKs were never sent.
 
-``python -m shieldproxy.journal list|export JOURNAL`` shows a journal's flows
-and writes a flow's acknowledged bytes to a file, also while a daemon runs.
+``shieldproxy flows list|export`` and ``python -m shieldproxy.journal
+list|export JOURNAL`` show a journal's flows and write a flow's acknowledged
+bytes to a file, also while a daemon runs.
 """
 
 from __future__ import annotations
@@ -590,8 +591,12 @@ def _find_flow(contents: JournalContents, text: str) -> JournaledFlow:
     raise JournalError(f"flow {text!r} not found; the journal has: {known or 'none'}")
 
 
-def _listing(contents: JournalContents) -> dict[str, object]:
-    """Return the journal's scope and one summary per flow, ready for JSON."""
+def journal_listing(contents: JournalContents) -> dict[str, object]:
+    """Return the journal's scope and one summary per flow, ready for JSON.
+
+    ``missing_bytes`` counts acknowledged bytes the journal lacks after the
+    last contiguous byte. Nonzero is a bug, and an export stops at the gap.
+    """
     flows = []
     for flow in contents.flows.values():
         handover, _ = flow.handover()
@@ -603,6 +608,7 @@ def _listing(contents: JournalContents) -> dict[str, object]:
                 "right_edge": handover.right_edge,
                 "acknowledged_bytes": len(handover.data),
                 "unacknowledged_bytes": handover.discarded_bytes,
+                "missing_bytes": flow.missing_bytes,
                 "fin": handover.fin,
             }
         )
@@ -635,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         contents = read_journal(args.journal)
         if args.command == "list":
-            print(json.dumps(_listing(contents), indent=2))
+            print(json.dumps(journal_listing(contents), indent=2))
             return 0
         handover, _ = _find_flow(contents, args.flow).handover()
         args.out.write_bytes(handover.data)
