@@ -40,7 +40,8 @@ requests to the shield daemon (gateway or sidecar):
 A failure at a dump stage releases the scopes, because CRIU then resumes the
 container with its live sockets. A failure at a restore stage keeps the
 shield's state, the hand-over files and the original images, so the restore
-can be tried again.
+can be tried again. If the operator releases the scopes in between, the next
+restore uses the hand-over files of the failed attempt and announces nothing.
 """
 
 from __future__ import annotations
@@ -542,6 +543,7 @@ def _post_restore(context: HookContext) -> str:
         return "no scope engaged"
     restored = _restored_windows(context)
     announced = 0
+    released = []
     for name in names:
         request: dict[str, Any] = {
             "command": "announce",
@@ -550,7 +552,18 @@ def _post_restore(context: HookContext) -> str:
         }
         if context.init_pid is not None:
             request["restored_pid"] = context.init_pid
-        reply = call(context.socket_path, request)
+        try:
+            reply = call(context.socket_path, request)
+        except DaemonNotRunning:
+            raise
+        except ControlError:
+            if not _is_idle(context, name):
+                raise
+            # The operator released the scope after an earlier restore failed.
+            # The daemon then has no rule and no queued packet for it, so the
+            # restored sockets talk to the peers directly.
+            released.append(name)
+            continue
         announced += len(reply["announced"])
         restored.update(reply.get("windows", {}))
     # the release announces these windows too, after any top-up
@@ -558,7 +571,20 @@ def _post_restore(context: HookContext) -> str:
     pending = _pending_file(context)
     if pending is not None:
         _write_json(pending, {"image_dir": str(context.image_dir)})
-    return f"announced {announced} restored windows"
+    summary = f"announced {announced} restored windows"
+    if released:
+        summary += (
+            ". Scopes released before this restore, with nothing to announce: "
+            + ", ".join(released)
+        )
+    return summary
+
+
+def _is_idle(context: HookContext, name: str) -> bool:
+    """Return True when the daemon reports scope NAME idle: released, no rules."""
+    scopes = call(context.socket_path, {"command": "status"}).get("scopes", {})
+    scope = scopes.get(name) if isinstance(scopes, dict) else None
+    return isinstance(scope, dict) and scope.get("state") == "idle"
 
 
 def _pending_file(context: HookContext) -> Path | None:

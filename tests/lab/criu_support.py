@@ -202,6 +202,26 @@ def resume_gap(pcap, peer_addr, restored_at):
     return None
 
 
+def wait_listening(created, port, timeout=10.0):
+    """Wait until a socket in the container namespace listens on PORT."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listing = created.run("ctr", ["ss", "-Htln", f"sport = :{port}"]).stdout
+        if listing.strip():
+            return
+        assert time.monotonic() < deadline, f"nothing listens on port {port}"
+        time.sleep(0.05)
+
+
+def criu_failure(log_path, completed):
+    """Describe a failed CRIU run: exit status, stderr and the log's errors."""
+    log_text = log_path.read_text() if log_path.exists() else "(no log)"
+    errors = [line for line in log_text.splitlines() if "Error" in line]
+    return f"criu exited {completed.returncode}: {completed.stderr}\n" + "\n".join(
+        errors[-15:]
+    )
+
+
 def peer_counters(created):
     return read_counters(created.peer_ns)
 

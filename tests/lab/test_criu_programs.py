@@ -17,13 +17,16 @@ import pytest
 
 from shieldproxy.kernel.netns import netns_command
 from shieldproxy.lab.topology import lab
+from shieldproxy.pcapcheck import check_capture
 
 from .criu_support import (
     Capture,
     CriuTree,
     counters_delta,
+    criu_failure,
     peer_counters,
     resume_gap,
+    wait_listening,
 )
 from .daemon_support import RunningDaemon
 
@@ -57,12 +60,12 @@ def run_checkpoint(
         hook_socket = daemon.socket if shielded else None
         images = work / "images"
         dumped = tree.dump(images, hook_socket)
-        assert dumped.returncode == 0, _criu_failure(images / "dump.log", dumped)
+        assert dumped.returncode == 0, criu_failure(images / "dump.log", dumped)
         frozen_at = time.monotonic()
         time.sleep(max(0.0, frozen_at + freeze_s - time.monotonic()))
         restored = tree.restore(images, hook_socket)
         restored_at = time.time()
-        assert restored.returncode == 0, _criu_failure(images / "restore.log", restored)
+        assert restored.returncode == 0, criu_failure(images / "restore.log", restored)
         result = program.finish(created, client, tree, work)
         after = peer_counters(created)
     finally:
@@ -72,22 +75,17 @@ def run_checkpoint(
         tree.kill()
         capture.stop()
     delta = counters_delta(before, after)
+    report = check_capture(work / "peer.pcap", only_from=("198.18.2.2", program.port))
     view = {
         "mode": "shielded" if shielded else "criu lock",
         "rto_timeouts": delta["TcpExtTCPTimeouts"],
         "retransmits": delta["TcpRetransSegs"],
         "resume_gap_s": resume_gap(work / "peer.pcap", created.peer_v4, restored_at),
+        "edge_retraction": sum(d.max_right_edge_retraction for d in report.directions),
+        "tsval_regressions": sum(d.tsval_regressions for d in report.directions),
     }
     print(json.dumps({"program": program.name, **view, **result}))
     return result, view
-
-
-def _criu_failure(log_path, completed):
-    log_text = log_path.read_text() if log_path.exists() else "(no log)"
-    errors = [line for line in log_text.splitlines() if "Error" in line]
-    return f"criu exited {completed.returncode}: {completed.stderr}\n" + "\n".join(
-        errors[-15:]
-    )
 
 
 def _peer(created, argv, stdout):
@@ -97,16 +95,6 @@ def _peer(created, argv, stdout):
         stdout=stdout,
         stderr=subprocess.STDOUT,
     )
-
-
-def _wait_listening(created, port):
-    deadline = time.monotonic() + 10
-    while True:
-        listing = created.run("ctr", ["ss", "-Htln", f"sport = :{port}"]).stdout
-        if listing.strip():
-            return
-        assert time.monotonic() < deadline, f"nothing listens on port {port}"
-        time.sleep(0.05)
 
 
 class Iperf3:
@@ -120,7 +108,7 @@ class Iperf3:
         return ["iperf3", "-s", "-1", "-B", created.ctr_v4, "-p", str(self.port)]
 
     def wait_listening(self, created):
-        _wait_listening(created, self.port)
+        wait_listening(created, self.port)
 
     def start_client(self, created, work):
         self.output = work / "iperf3-client.json"
@@ -163,7 +151,7 @@ class Redis:
         ]  # fmt: skip
 
     def wait_listening(self, created):
-        _wait_listening(created, self.port)
+        wait_listening(created, self.port)
 
     def start_client(self, created, work):
         self.output = work / "redis-writer.json"
@@ -193,7 +181,7 @@ class Socat:
         ]  # fmt: skip
 
     def wait_listening(self, created):
-        _wait_listening(created, self.port)
+        wait_listening(created, self.port)
 
     def start_client(self, created, work):
         self.digest = work / "sent.json"
@@ -250,6 +238,9 @@ def check_shield_difference(shielded_view, baseline_view):
     # minimum RTO, hence one timeout is tolerated.
     assert shielded_view["rto_timeouts"] <= 1
     assert shielded_view["resume_gap_s"] is not None
+    # the capture checker's invariants hold on the wire
+    assert shielded_view["edge_retraction"] == 0
+    assert shielded_view["tsval_regressions"] == 0
 
 
 def test_iperf3_server_checkpointed(tmp_path):
@@ -301,6 +292,8 @@ def test_socat_with_external_namespace(tmp_path):
     assert result["checksum_matches"] is True
     assert result["received_bytes"] == result["sent_bytes"]
     assert view["rto_timeouts"] <= 1
+    assert view["edge_retraction"] == 0
+    assert view["tsval_regressions"] == 0
     dump_log = (tmp_path / "shielded" / "images" / "dump.log").read_text()
     assert "network-lock: froze scopes app" in dump_log
 

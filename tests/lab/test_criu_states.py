@@ -22,7 +22,14 @@ from shieldproxy.kernel.netns import netns_command
 from shieldproxy.lab.topology import lab
 from shieldproxy.pcapcheck import check_capture
 
-from .criu_support import Capture, CriuTree, counters_delta, peer_counters
+from .criu_support import (
+    Capture,
+    CriuTree,
+    counters_delta,
+    criu_failure,
+    peer_counters,
+    wait_listening,
+)
 from .daemon_support import RunningDaemon
 
 pytestmark = pytest.mark.lab
@@ -155,13 +162,6 @@ def _wait_state(created, state):
         time.sleep(0.05)
 
 
-def _wait_listening(created):
-    deadline = time.monotonic() + STATE_TIMEOUT_S
-    while not created.run("ctr", ["ss", "-Htln", f"sport = :{PORT}"]).stdout.strip():
-        assert time.monotonic() < deadline, f"nothing listens on port {PORT}"
-        time.sleep(0.05)
-
-
 def _wait_file(path, timeout):
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -169,14 +169,6 @@ def _wait_file(path, timeout):
             return False
         time.sleep(0.1)
     return True
-
-
-def _criu_error(log_path, completed):
-    text = log_path.read_text() if log_path.exists() else "(no log)"
-    errors = [line for line in text.splitlines() if "Error" in line]
-    return f"criu exited {completed.returncode}: {completed.stderr}\n" + "\n".join(
-        errors[-15:]
-    )
 
 
 def run_case(tmp_path, case):
@@ -201,7 +193,7 @@ def run_case(tmp_path, case):
         )  # fmt: skip
         peer = None
         try:
-            _wait_listening(created)
+            wait_listening(created, PORT)
             with (work / "peer.log").open("wb") as log:
                 peer = subprocess.Popen(
                     netns_command(
@@ -217,14 +209,14 @@ def run_case(tmp_path, case):
             before = peer_counters(created)
             images = work / "images"
             dumped = tree.dump(images, daemon.socket)
-            assert dumped.returncode == 0, _criu_error(images / "dump.log", dumped)
+            assert dumped.returncode == 0, criu_failure(images / "dump.log", dumped)
             frozen_at = time.monotonic()
             observed["flows"] = read_tcp_flows(images)
             read_after.touch()
             time.sleep(max(0.0, frozen_at + FREEZE_S - time.monotonic()))
             observed["status"] = json.loads(daemon.cli("status").stdout)
             restored = tree.restore(images, daemon.socket)
-            assert restored.returncode == 0, _criu_error(
+            assert restored.returncode == 0, criu_failure(
                 images / "restore.log", restored
             )
             peer.wait(timeout=EXIT_TIMEOUT_S)

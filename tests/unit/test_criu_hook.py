@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from shieldproxy.control import ControlError
 from shieldproxy.criu import hook
 from shieldproxy.criu.hook import HookContext, HookError, run_stage
 from shieldproxy.criu.images import read_tcp_flows
@@ -237,6 +238,48 @@ def test_restore_writes_absorbed_bytes(monkeypatch, pycriu_images, tmp_path):
     }
     backup = image_dir / "shieldproxy" / "backup" / flow.stream_image.name
     assert backup.exists()
+
+
+class ReleasedDaemon(RecordedDaemon):
+    """A daemon whose scope the operator released after a failed restore."""
+
+    def __init__(self, monkeypatch, state):
+        super().__init__(monkeypatch)
+        self.state = state
+
+    def call(self, path, request):
+        if request["command"] == "announce":
+            self.requests.append(request)
+            raise ControlError(f"scope 'app' is {self.state}, not handed over")
+        if request["command"] == "status":
+            self.requests.append(request)
+            scopes = {**SCOPES, "app": {**SCOPES["app"], "state": self.state}}
+            return {"mode": "sidecar", "scopes": scopes}
+        return super().call(path, request)
+
+
+def test_post_restore_skips_released_scope(monkeypatch, pycriu_images, tmp_path):
+    image_dir = make_image_dir(pycriu_images, tmp_path / "images", flows=[FLOW_V4])
+    RecordedDaemon(monkeypatch)
+    run_stage(context("pre-dump", image_dir, scope="app"))
+    run_stage(context("pre-restore", image_dir))
+    daemon = ReleasedDaemon(monkeypatch, "idle")
+    summary = run_stage(context("post-restore", image_dir))
+    assert summary == (
+        "announced 0 restored windows. Scopes released before this restore, "
+        "with nothing to announce: app"
+    )
+    assert daemon.commands() == ["announce", "status"]
+
+
+def test_post_restore_announce_error_raised(monkeypatch, pycriu_images, tmp_path):
+    image_dir = make_image_dir(pycriu_images, tmp_path / "images", flows=[FLOW_V4])
+    RecordedDaemon(monkeypatch)
+    run_stage(context("pre-dump", image_dir, scope="app"))
+    run_stage(context("pre-restore", image_dir))
+    ReleasedDaemon(monkeypatch, "frozen")
+    with pytest.raises(HookError, match="'app' is frozen, not handed over"):
+        run_stage(context("post-restore", image_dir))
 
 
 def test_second_restore_attempt_same_images(monkeypatch, pycriu_images, tmp_path):
