@@ -810,15 +810,7 @@ def _write_receive_queue(sock: socket.socket, dump: SocketDump, data: bytes) -> 
     rmem_max = _tcp_rmem_max()
     estimate = _rmem_estimate(len(data))
     buffer_size = min(max(estimate, dump.rcvbuf), max(rmem_max, dump.rcvbuf))
-    # SO_RCVBUFFORCE doubles its argument, and bypasses net.core.rmem_max.
-    _setsockopt(
-        sock,
-        socket.SOL_SOCKET,
-        SO_RCVBUFFORCE,
-        (buffer_size + 1) // 2,
-        "set SO_RCVBUFFORCE",
-        flow,
-    )
+    force_receive_buffer(sock, buffer_size, flow)
     view = memoryview(data)
     written = 0
     while written < len(data):
@@ -1069,6 +1061,19 @@ starts each socket from the same ratio (TCP_DEFAULT_SCALING_RATIO, half of the
 free receive buffer) until it has measured its real skb overhead."""
 
 
+def force_receive_buffer(sock: socket.socket, size: int, flow: FlowKey | str) -> None:
+    """Set sk_rcvbuf to at least SIZE bytes, past net.core.rmem_max if need be."""
+    # SO_RCVBUFFORCE doubles its argument, and bypasses net.core.rmem_max.
+    _setsockopt(
+        sock,
+        socket.SOL_SOCKET,
+        SO_RCVBUFFORCE,
+        (size + 1) // 2,
+        "set SO_RCVBUFFORCE",
+        flow,
+    )
+
+
 def ensure_window_room(sock: socket.socket, window: int, flow: FlowKey | str) -> int:
     """Grow the receive buffer so WINDOW more bytes fit after the queued ones.
 
@@ -1084,15 +1089,7 @@ def ensure_window_room(sock: socket.socket, window: int, flow: FlowKey | str) ->
     needed = _rmem_alloc(sock) + WINDOW_MEMORY_FACTOR * max(0, window) + 4096
     if current >= needed:
         return current
-    # SO_RCVBUFFORCE doubles its argument.
-    _setsockopt(
-        sock,
-        socket.SOL_SOCKET,
-        SO_RCVBUFFORCE,
-        (needed + 1) // 2,
-        "set SO_RCVBUFFORCE",
-        flow,
-    )
+    force_receive_buffer(sock, needed, flow)
     grown: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     log.info(
         "%s: receive buffer raised from %d to %d bytes, so the %d-byte window "

@@ -23,7 +23,6 @@ from ..tcp.snapshot import FlowKey
 from .repair import (
     RECV_CHUNK,
     SIOCINQ,
-    SO_RCVBUFFORCE,
     TCP_QUEUE_SEQ,
     TCP_RECV_QUEUE,
     TCP_REPAIR,
@@ -35,6 +34,7 @@ from .repair import (
     _set_tcp_int,
     _setsockopt,
     ensure_window_room,
+    force_receive_buffer,
     take_socket,
 )
 
@@ -189,15 +189,7 @@ def _grow_receive_buffer(sock: socket.socket, length: int, key: FlowKey) -> None
     needed = 2 * (queued + length) + 64 * 1024
     current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     if current < needed:
-        # SO_RCVBUFFORCE doubles its argument.
-        _setsockopt(
-            sock,
-            socket.SOL_SOCKET,
-            SO_RCVBUFFORCE,
-            (needed + 1) // 2,
-            "set SO_RCVBUFFORCE",
-            key,
-        )
+        force_receive_buffer(sock, needed, key)
 
 
 def _send_all(sock: socket.socket, data: bytes, key: FlowKey) -> None:
