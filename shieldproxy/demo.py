@@ -102,6 +102,8 @@ class ScenarioConfig:
     socket, which then has SO_KEEPALIVE on."""
     client_idle_s: float = 0.0
     """Seconds the peer sends nothing, from half a second before the freeze."""
+    client_user_timeout_ms: int = 0
+    """TCP_USER_TIMEOUT of the peer's socket in milliseconds, 0 for none."""
     peer_close: PeerClose | None = None
     """Peer's close halfway through the freeze: "fin" half-closes the
     connection after its last byte (shutdown(SHUT_WR)), "rst" resets it
@@ -212,20 +214,27 @@ async def run_scenario(
                 nursery.start_soon(child.read_events)
                 return child
 
-            if config.capture:
-                capture = await start(
-                    "tcpdump",
+            async def start_capture(name: str, file: str, bpf_filter: str) -> Child:
+                tcpdump = await start(
+                    name,
                     lab.peer_ns,
                     [
                         "tcpdump", "-i", lab.peer_if, "-s", str(CAPTURE_SNAPLEN),
                         # without immediate mode tcpdump reads packets in
                         # blocks and loses the last block when stopped
                         "-U", "--immediate-mode", "-n",
-                        "-w", str(run_dir / "peer.pcap"),
-                        f"tcp and src host {ctr_addr} and src port {config.port}",
+                        "-w", str(run_dir / file), bpf_filter,
                     ],
                 )  # fmt: skip
-                await _wait_for_capture(capture)
+                await _wait_for_capture(tcpdump)
+                return tcpdump
+
+            if config.capture:
+                capture = await start_capture(
+                    "tcpdump",
+                    "peer.pcap",
+                    f"tcp and src host {ctr_addr} and src port {config.port}",
+                )
 
             for key, value in config.peer_sysctls.items():
                 sysctl(lab.peer_ns, key, value)
@@ -253,17 +262,11 @@ async def run_scenario(
                 # The peer's data is captured only from just before the freeze,
                 # because all of it would make a capture of hundreds of MB.
                 peer_addr = lab.peer_v4 if config.family == 4 else lab.peer_v6
-                data_capture = await start(
+                data_capture = await start_capture(
                     "tcpdump-peer-data",
-                    lab.peer_ns,
-                    [
-                        "tcpdump", "-i", lab.peer_if, "-s", str(CAPTURE_SNAPLEN),
-                        "-U", "--immediate-mode", "-n",
-                        "-w", str(run_dir / "peer-data.pcap"),
-                        f"tcp and src host {peer_addr} and dst port {config.port}",
-                    ],
-                )  # fmt: skip
-                await _wait_for_capture(data_capture)
+                    "peer-data.pcap",
+                    f"tcp and src host {peer_addr} and dst port {config.port}",
+                )
             await trio.sleep(min(config.warmup_s, PEER_DATA_LEAD_S))
 
             # engage: divert or drop the peer's packets before the socket stops
@@ -609,6 +612,8 @@ def _client_command(config: ScenarioConfig, ctr_addr: str) -> list[str]:
         argv += ["--mss", str(config.client_mss)]
     if config.client_keepalive is not None:
         argv += ["--keepalive", ",".join(map(str, config.client_keepalive))]
+    if config.client_user_timeout_ms:
+        argv += ["--user-timeout-ms", str(config.client_user_timeout_ms)]
     if config.client_idle_s:
         idle_from = max(0.0, config.warmup_s - 0.5)
         argv += ["--idle-from", str(idle_from), "--idle", str(config.client_idle_s)]
@@ -781,29 +786,21 @@ def demo_main(
     settings: DemoConfig, *, json_path: Path | None, keep_dir: Path | None
 ) -> int:
     """Run the demo in a fresh lab and print the comparison; return exit status."""
-    from .lab.topology import lab as lab_context
-
     if os.geteuid() != 0:
         print("shieldproxy demo needs root: it creates network namespaces",
               file=sys.stderr)  # fmt: skip
         return 2
-    with tempfile.TemporaryDirectory(prefix="shieldproxy-demo-") as tmp:
-        work_dir = keep_dir if keep_dir is not None else Path(tmp)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        with lab_context() as lab:
-            v4 = settings.ip_version == 4
-            print(
-                f"lab {lab.lab_id}: peer {lab.peer_v4 if v4 else lab.peer_v6}"
-                f" -> gateway -> container {lab.ctr_v4 if v4 else lab.ctr_v6},"
-                f" freeze {settings.freeze_s:g} s",
-                flush=True,
-            )
-            report = trio.run(
-                _until_sigterm,
-                lambda: run_demo(
-                    lab, settings, work_dir, progress=print_progress(sys.stderr)
-                ),
-            )
+    try:
+        with tempfile.TemporaryDirectory(prefix="shieldproxy-demo-") as tmp:
+            work_dir = keep_dir if keep_dir is not None else Path(tmp)
+            work_dir.mkdir(parents=True, exist_ok=True)
+            report = _demo_in_lab(settings, work_dir)
+    except BaseException as exc:
+        if not _is_interrupt(exc):
+            raise
+        print("\ninterrupted by SIGINT; the lab and its rules were removed",
+              file=sys.stderr)  # fmt: skip
+        return 130
     if report is None:
         print("\ninterrupted by SIGTERM; the lab and its rules were removed",
               file=sys.stderr)  # fmt: skip
@@ -817,3 +814,34 @@ def demo_main(
     if shielded.error:
         print(f"\nshielded run failed: {shielded.error}", file=sys.stderr)
     return 0 if shielded.integrity_ok else 1
+
+
+def _demo_in_lab(settings: DemoConfig, work_dir: Path) -> DemoReport | None:
+    """Run the demo in a new lab, removed afterwards; None after SIGTERM."""
+    from .lab.topology import lab as lab_context
+
+    with lab_context() as lab:
+        v4 = settings.ip_version == 4
+        print(
+            f"lab {lab.lab_id}: peer {lab.peer_v4 if v4 else lab.peer_v6}"
+            f" -> gateway -> container {lab.ctr_v4 if v4 else lab.ctr_v6},"
+            f" freeze {settings.freeze_s:g} s",
+            flush=True,
+        )
+        report: DemoReport | None = trio.run(
+            _until_sigterm,
+            lambda: run_demo(
+                lab, settings, work_dir, progress=print_progress(sys.stderr)
+            ),
+        )
+    return report
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    """Return True for Ctrl-C, also when trio wrapped it in an exception group."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(KeyboardInterrupt)
+        return rest is None
+    return False

@@ -51,6 +51,10 @@ def connect(args: argparse.Namespace) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    if args.user_timeout_ms:
+        sock.setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, args.user_timeout_ms
+        )
     sock.settimeout(10)
     try:
         sock.connect((args.addr, args.port))
@@ -97,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         "--keepalive",
         type=keepalive_setting,
         help="turn keepalive on: TCP_KEEPIDLE,TCP_KEEPINTVL (s),TCP_KEEPCNT",
+    )
+    parser.add_argument(
+        "--user-timeout-ms",
+        type=int,
+        default=0,
+        help="TCP_USER_TIMEOUT in milliseconds, set before connect (0: off)",
     )
     parser.add_argument(
         "--idle-from", type=float, default=0.0, help="seconds until sending pauses"

@@ -5,18 +5,31 @@ peer in its own namespace keeps using the connection, then checks the restored
 stream and, in the peer's capture, the segments sent in the container's name.
 """
 
+import errno
 import fcntl
+import os
+import signal
 import socket
 import struct
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import trio
 
+from shieldproxy.config import WindowConfig
+from shieldproxy.demo import LAB_ENV, ScenarioConfig, run_scenario
 from shieldproxy.kernel import repair
+from shieldproxy.kernel.netns import netns_command
 from shieldproxy.kernel.repair import SocketDump, load_dump
+from shieldproxy.lab.children import Child
+from shieldproxy.lab.topology import lab
+from shieldproxy.pcapcheck import read_packets
+from shieldproxy.tcp.flow import TricklePolicy
+from shieldproxy.tcp.segment import FIN, RST, SYN, parse_packet_untrusted
 
-from .test_demo_scenario import assert_no_shield_rules, checked_lab, run
+from .test_demo_scenario import assert_no_shield_rules, checked_lab, leftovers, run
 
 __all__ = ["checked_lab"]
 
@@ -272,3 +285,214 @@ def test_keepalive_peer_survives_freeze(checked_lab, tmp_path):
     check_stream(result)
     assert result.acks_sent > 0
     assert_no_shield_rules(checked_lab)
+
+
+# A peer with TCP_USER_TIMEOUT under a freeze six times as long, once per window
+# policy. Both runs share one 60 s freeze, each in its own lab, so each peer's
+# nstat counters count only its own connection.
+USER_TIMEOUT_S = 10
+USER_TIMEOUT_FREEZE_S = 60.0
+# A small receive window, so that the peer at 1 MiB/s fills it within a second
+# of the dump and then receives a zero window.
+USER_TIMEOUT_RCVBUF = 256 * 1024
+# The defaults of window.trickle_step_bytes and window.trickle_interval_s,
+# which the README recommends for a peer with a 10 s user timeout.
+TRICKLE_DEFAULTS = WindowConfig()
+TRICKLE = TricklePolicy(
+    step_bytes=TRICKLE_DEFAULTS.trickle_step_bytes,
+    interval_s=TRICKLE_DEFAULTS.trickle_interval_s,
+)
+# Slack for the peer's process to see the abort on a loaded machine.
+ABORT_SLACK_S = 5.0
+# A segment from the shield within this time after a zero-window probe
+# counts as its acknowledgment.
+PROBE_ACK_S = 1.0
+PEER_CAPTURE_SNAPLEN = 128
+
+
+@pytest.fixture
+def second_lab():
+    """Another lab beside ``checked_lab``, removed and checked the same way."""
+    with lab() as created:
+        yield created
+    assert leftovers(created.lab_id) == []
+
+
+async def run_with_peer_capture(created, work_dir, config):
+    """Run the scenario while tcpdump records both directions at the peer.
+
+    The scenario's own capture contains only the container's side. This one
+    also contains the peer's data, zero-window probes and resets.
+    """
+    work_dir.mkdir(parents=True)
+    pcap = work_dir / "peer-both.pcap"
+    argv = netns_command(
+        created.peer_ns,
+        [
+            "tcpdump", "-i", created.peer_if, "-s", str(PEER_CAPTURE_SNAPLEN),
+            "-U", "--immediate-mode", "-n", "-w", str(pcap),
+            f"tcp port {config.port}",
+        ],
+    )  # fmt: skip
+    # the label lets the leftovers check find a tcpdump left behind
+    env = {LAB_ENV: created.lab_id}
+    capture = await Child.start("tcpdump-both", argv, work_dir, env=env)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(capture.read_events)
+        try:
+            with trio.fail_after(10):
+                while "listening on" not in capture.stderr_tail(2000):
+                    assert capture.process.returncode is None, capture.stderr_tail()
+                    await trio.sleep(0.05)
+            result = await run_scenario(created, config, work_dir)
+        finally:
+            with trio.CancelScope(shield=True):
+                capture.signal(signal.SIGINT)  # tcpdump flushes its file on SIGINT
+                await capture.stop(timeout=5)
+    return result, pcap
+
+
+def captured_segments(pcap):
+    """Return (CLOCK_MONOTONIC seconds, segment) for each TCP segment in PCAP."""
+    # pcap timestamps are CLOCK_REALTIME, the scenario's timeline is monotonic
+    realtime_ahead = time.time() - time.monotonic()
+    return [
+        (timestamp - realtime_ahead, parse_packet_untrusted(ip))
+        for _, timestamp, ip, _ in read_packets(pcap)
+    ]
+
+
+@dataclass
+class FreezeView:
+    """What the peer sent and received between the dump and the restore.
+
+    Times are seconds after the dump.
+    """
+
+    window_closed_s: float | None = None
+    """First zero window the peer received."""
+    probes_s: list[float] = field(default_factory=list)
+    """Zero-window probes the peer sent: segments without payload."""
+    unacknowledged_probes: int = 0
+    """Probes with no segment from the shield within PROBE_ACK_S."""
+    window_openings: int = 0
+    """Times a zero window opened again."""
+    max_closed_s: float = 0.0
+    """Maximum time from a zero window to the peer's next data segment, or to
+    the restore."""
+
+
+def freeze_view(result, segments, peer_addr):
+    frozen = result.timeline["frozen"]
+    restored = result.timeline["restored"]
+    during = [(t - frozen, s) for t, s in segments if frozen <= t <= restored]
+    view = FreezeView()
+    closed_since = None
+    opened = False
+    for t, segment in during:
+        if segment.src != peer_addr:
+            if segment.window == 0 and closed_since is None:
+                closed_since = t
+                opened = False
+                if view.window_closed_s is None:
+                    view.window_closed_s = t
+            elif segment.window and closed_since is not None and not opened:
+                view.window_openings += 1
+                opened = True
+        elif segment.payload:
+            if closed_since is not None:
+                view.max_closed_s = max(view.max_closed_s, t - closed_since)
+                closed_since = None
+        elif not segment.flags & (SYN | FIN | RST):
+            view.probes_s.append(t)
+            acknowledged = any(
+                s.src != peer_addr and t < u <= t + PROBE_ACK_S for u, s in during
+            )
+            view.unacknowledged_probes += not acknowledged
+    if closed_since is not None:
+        view.max_closed_s = max(view.max_closed_s, restored - frozen - closed_since)
+    return view
+
+
+def resets_from(segments, address):
+    """Return the times at which ADDRESS sent an RST."""
+    return [
+        t for t, segment in segments if segment.src == address and segment.flags & RST
+    ]
+
+
+def test_user_timeout_peer_trickle_and_hold(checked_lab, second_lab, tmp_path):
+    def config(trickle):
+        return ScenarioConfig(
+            shielded=True,
+            freeze_s=USER_TIMEOUT_FREEZE_S,
+            rate_bytes_per_s=SLOW_RATE,
+            receiver_rcvbuf_bytes=USER_TIMEOUT_RCVBUF,
+            reply_bytes=REPLY_BYTES,
+            trickle=trickle,
+            client_user_timeout_ms=USER_TIMEOUT_S * 1000,
+        )
+
+    runs = {}
+
+    async def run_one(name, created, trickle):
+        runs[name] = await run_with_peer_capture(
+            created, tmp_path / name, config(trickle)
+        )
+
+    async def run_both():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_one, "trickle", checked_lab, TRICKLE)
+            nursery.start_soon(run_one, "hold", second_lab, None)
+
+    trio.run(run_both)
+
+    # trickle: every byte arrives, the peer reads the reply, nothing resets
+    result, pcap = runs["trickle"]
+    check_stream(result)
+    assert result.peer_done is not None
+    assert result.peer_done["status"] == "closed"
+    assert result.peer_done["reply"] == REPLY_BYTES
+    assert result.peer_done["reply_ok"]
+    segments = captured_segments(pcap)
+    assert resets_from(segments, checked_lab.peer_v4) == []
+    assert resets_from(segments, checked_lab.ctr_v4) == []
+    view = freeze_view(result, segments, checked_lab.peer_v4)
+    assert view.window_closed_s is not None, view
+    assert view.window_openings >= USER_TIMEOUT_FREEZE_S / TRICKLE.interval_s / 2, view
+    # Every time the window closed, the peer sent data again before its user
+    # timeout ran out.
+    assert view.max_closed_s < USER_TIMEOUT_S, view
+    assert_no_shield_rules(checked_lab)
+
+    # hold: the peer's kernel aborts the connection although the shield
+    # acknowledged every zero-window probe
+    result, pcap = runs["hold"]
+    assert result.error is None
+    assert result.peer_counters["TcpExtTCPAbortOnTimeout"] == 1
+    assert result.peer_done is not None
+    timed_out = f"[Errno {errno.ETIMEDOUT}] {os.strerror(errno.ETIMEDOUT)}"
+    assert result.peer_done["status"] == f"error: {timed_out}"
+    segments = captured_segments(pcap)
+    view = freeze_view(result, segments, second_lab.peer_v4)
+    assert view.window_closed_s is not None, view
+    assert view.probes_s, view
+    assert view.unacknowledged_probes == 0, view
+    assert view.window_openings == 0, view
+    aborted_s = result.peer_done["t"] - result.timeline["frozen"]
+    assert aborted_s - view.window_closed_s >= USER_TIMEOUT_S, view
+    assert aborted_s - view.window_closed_s < USER_TIMEOUT_S + ABORT_SLACK_S, view
+    assert max(view.probes_s) < aborted_s, view
+    # After the restore, the first segment sent in the container's name meets
+    # no socket at the peer, whose kernel replies with an RST. The restored
+    # application reads every handed-over byte, then the reset.
+    peer_resets = resets_from(segments, second_lab.peer_v4)
+    assert peer_resets, "no RST from the peer"
+    assert min(peer_resets) >= result.timeline["restored"]
+    assert resets_from(segments, second_lab.ctr_v4) == []
+    reset = f"[Errno {errno.ECONNRESET}] {os.strerror(errno.ECONNRESET)}"
+    assert result.integrity == f"receiver error: {reset}"
+    assert result.bytes_handed_over == result.bytes_absorbed
+    assert result.bytes_received == result.stream_end_offset
+    check_capture(result)
+    assert_no_shield_rules(second_lab)
