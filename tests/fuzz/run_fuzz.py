@@ -586,6 +586,8 @@ def random_snapshot(rng: random.Random) -> FlowSnapshot:
         tsval=rng.getrandbits(32),
         taken_at=1000.0,
         ts_recent=rng.choice((None, rng.getrandbits(32))),
+        # CLOSE_WAIT, LAST_ACK or CLOSING: the peer's FIN is behind rcv_nxt
+        peer_fin=rng.random() < 0.1,
     )
 
 
