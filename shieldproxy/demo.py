@@ -61,8 +61,8 @@ CONTAINER_COUNTERS = (
 LAB_ENV = "SHIELDPROXY_LAB"
 CAPTURE_SNAPLEN = 128
 PEER_DATA_LEAD_S = 0.3
-"""Seconds before the freeze at which the capture of the peer's data starts, so
-the capture shows what the peer had sent before the freeze."""
+"""Seconds before the freeze at which the capture of the peer's data at the
+container starts, so the capture shows what reached it before the freeze."""
 STREAM_PORT = 5001
 
 
@@ -131,8 +131,10 @@ class ScenarioResult:
     """From repair off to the first new byte the restored application reads,
     after the handed-over ones."""
     wire_resume_gap_s: float | None = None
-    """From repair off to the first byte the peer sends that it never sent
-    before, in the capture at the peer."""
+    """From repair off to the first peer byte that reaches the container's
+    interface for the first time since the freeze, in a capture there. Bytes
+    the shield absorbed reach it only through the hand-over, never on the wire,
+    and the peer does not send them again."""
     peer_counters: dict[str, int] = field(default_factory=dict)
     container_counters: dict[str, int] = field(default_factory=dict)
     max_right_edge_retraction: int | None = None
@@ -214,12 +216,14 @@ async def run_scenario(
                 nursery.start_soon(child.read_events)
                 return child
 
-            async def start_capture(name: str, file: str, bpf_filter: str) -> Child:
+            async def start_capture(
+                name: str, ns: str, interface: str, file: str, bpf_filter: str
+            ) -> Child:
                 tcpdump = await start(
                     name,
-                    lab.peer_ns,
+                    ns,
                     [
-                        "tcpdump", "-i", lab.peer_if, "-s", str(CAPTURE_SNAPLEN),
+                        "tcpdump", "-i", interface, "-s", str(CAPTURE_SNAPLEN),
                         # without immediate mode tcpdump reads packets in
                         # blocks and loses the last block when stopped
                         "-U", "--immediate-mode", "-n",
@@ -232,6 +236,8 @@ async def run_scenario(
             if config.capture:
                 capture = await start_capture(
                     "tcpdump",
+                    lab.peer_ns,
+                    lab.peer_if,
                     "peer.pcap",
                     f"tcp and src host {ctr_addr} and src port {config.port}",
                 )
@@ -259,11 +265,14 @@ async def run_scenario(
             accepted = await server.wait_for("accepted", 10)
             await trio.sleep(max(0.0, config.warmup_s - PEER_DATA_LEAD_S))
             if config.capture:
-                # The peer's data is captured only from just before the freeze,
-                # because all of it would make a capture of hundreds of MB.
+                # The peer's data is captured where it reaches the container,
+                # and only from just before the freeze, because all of it would
+                # make a capture of hundreds of MB.
                 peer_addr = lab.peer_v4 if config.family == 4 else lab.peer_v6
                 data_capture = await start_capture(
                     "tcpdump-peer-data",
+                    lab.ctr_ns,
+                    lab.ctr_if,
                     "peer-data.pcap",
                     f"tcp and src host {peer_addr} and dst port {config.port}",
                 )

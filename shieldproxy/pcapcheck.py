@@ -699,7 +699,7 @@ def _check_records(
 
 
 def first_new_data_at(path: str | Path, sender: Endpoint, after: float) -> float | None:
-    """Return when SENDER first sent a byte it had not sent before time AFTER.
+    """Return when the capture first shows a byte from SENDER unseen before AFTER.
 
     Times are the capture's (seconds since the epoch). Sequence numbers are
     unwrapped segment by segment, so a stream past 4 GiB works. Returns

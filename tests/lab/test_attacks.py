@@ -489,6 +489,9 @@ def test_off_path_attacks_rejected(attack_lab, recorder, tmp_path, family):
         mid_freeze=attack,
     )
     result = trio.run(run_scenario, attack_lab, config, Path(tmp_path))
+    for name, phase in report.phases.items():
+        accepted = phase.flow_stats.get("bytes_absorbed", 0)
+        print(f"IPv{family} {name}: {phase.sent} packets, {accepted} bytes absorbed")
 
     # the attack ran against an open window, with the total buffer full
     assert report.error is None
