@@ -202,7 +202,6 @@ async def run_scenario(
     data_capture: Child | None = None
     binding: QueueBinding | None = None
     sender: RawSender | None = None
-    peer_end: tuple[str, int] | None = None
     resumed_wall: float | None = None
     try:
         async with trio.open_nursery() as nursery:
@@ -302,7 +301,6 @@ async def run_scenario(
             sock = take_socket(accepted["pid"], accepted["fd"])
             try:
                 dump = dump_socket(sock)
-                peer_end = (dump.key.peer_addr, dump.key.peer_port)
                 frozen_at = time.monotonic()
                 result.timeline["frozen"] = frozen_at
                 # The peer's packets wait unanswered in the queue until the flow
@@ -485,18 +483,18 @@ async def run_scenario(
         _check_capture(result, run_dir / "peer.pcap", (ctr_addr, config.port))
     data_path = run_dir / "peer-data.pcap"
     if data_capture is not None and data_path.exists():
-        if resumed_wall is not None and peer_end is not None:
-            _measure_wire_gap(result, data_path, peer_end, resumed_wall)
+        if resumed_wall is not None:
+            _measure_wire_gap(result, data_path, (ctr_addr, config.port), resumed_wall)
     return result
 
 
 def _measure_wire_gap(
-    result: ScenarioResult, path: Path, peer: tuple[str, int], resumed_wall: float
+    result: ScenarioResult, path: Path, receiver: tuple[str, int], resumed_wall: float
 ) -> None:
     from .pcapcheck import CaptureError, first_new_data_at
 
     try:
-        sent_at = first_new_data_at(path, peer, resumed_wall)
+        sent_at = first_new_data_at(path, receiver, resumed_wall)
     except CaptureError as exc:
         log.warning("cannot measure the resume gap in %s: %s", path, exc)
         return

@@ -698,34 +698,50 @@ def _check_records(
         checker.check_segment(number, timestamp, segment)
 
 
-def first_new_data_at(path: str | Path, sender: Endpoint, after: float) -> float | None:
-    """Return when the capture first shows a byte from SENDER unseen before AFTER.
+@dataclass
+class _StreamPosition:
+    """Unwrapped sequence position of one direction of a flow in a capture."""
 
-    Times are the capture's (seconds since the epoch). Sequence numbers are
-    unwrapped segment by segment, so a stream past 4 GiB works. Returns
-    None when no such segment is in the capture.
+    last_seq: int
+    offset: int = 0
+    """Position of last_seq, counted from the flow's first captured segment."""
+    highest_end: int = 0
+    """Largest end of the payload seen before the time of interest."""
+
+
+def first_new_data_at(
+    path: str | Path, receiver: Endpoint, after: float
+) -> float | None:
+    """Return when the capture first shows a byte sent to RECEIVER, new since AFTER.
+
+    A byte is new when no segment of the same flow before time AFTER carried
+    it. Times are the capture's (seconds since the epoch). Each flow to
+    RECEIVER is followed on its own, and its sequence numbers are unwrapped
+    segment by segment, so a stream past 4 GiB works. Returns None when no
+    such segment is in the capture.
 
     Raises CaptureError for an unreadable capture and OSError when the file
     cannot be opened.
     """
-    address, port = _normalize_endpoint(sender)
-    last_seq: int | None = None
-    offset = 0  # unwrapped position of last_seq, from the first segment
-    highest_end = 0
+    address, port = _normalize_endpoint(receiver)
+    streams: dict[tuple[str, int], _StreamPosition] = {}
     for _number, timestamp, ip, _captured in _PcapReader(str(path)):
         try:
             segment = parse_packet_untrusted(ip)
         except MalformedSegment:
             continue
-        if not segment.payload or (segment.src, segment.sport) != (address, port):
+        if not segment.payload or (segment.dst, segment.dport) != (address, port):
             continue
-        if last_seq is not None:
-            offset += seq_diff(segment.seq, last_seq)
-        last_seq = segment.seq
-        end = offset + len(segment.payload)
+        sender = (segment.src, segment.sport)
+        stream = streams.get(sender)
+        if stream is None:
+            stream = streams[sender] = _StreamPosition(segment.seq)
+        stream.offset += seq_diff(segment.seq, stream.last_seq)
+        stream.last_seq = segment.seq
+        end = stream.offset + len(segment.payload)
         if timestamp < after:
-            highest_end = max(highest_end, end)
-        elif end > highest_end:
+            stream.highest_end = max(stream.highest_end, end)
+        elif end > stream.highest_end:
             return timestamp
     return None
 

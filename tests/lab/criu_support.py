@@ -8,11 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from scapy.layers.inet import IP, TCP
-from scapy.utils import PcapReader
-
 from shieldproxy.criu.locate import find_criu
 from shieldproxy.demo import read_counters
+from shieldproxy.pcapcheck import first_new_data_at
 
 PROCESS_TIMEOUT = 20.0
 NETNS_KEY = "labnet"
@@ -173,33 +171,14 @@ class Capture:
         return report
 
 
-def resume_gap(pcap, peer_addr, restored_at):
-    """Seconds from RESTORED_AT (epoch) to the peer's first byte never sent before.
+def resume_gap(pcap, receiver, restored_at):
+    """Seconds from RESTORED_AT (epoch) to the first new byte sent to RECEIVER.
 
-    Sequence numbers are unwrapped per flow, so a flow past 4 GiB still works.
+    The capture is the gateway's peer side, so this is when the peer sent a
+    byte it never sent before.
     """
-    high: dict[tuple, int] = {}
-    base: dict[tuple, int] = {}
-    with PcapReader(str(pcap)) as reader:
-        for packet in reader:
-            if IP not in packet or TCP not in packet or packet[IP].src != peer_addr:
-                continue
-            tcp = packet[TCP]
-            # the capture keeps 128 bytes of each packet, so the length comes
-            # from the headers
-            ip = packet[IP]
-            length = ip.len - ip.ihl * 4 - tcp.dataofs * 4
-            if length <= 0:
-                continue
-            flow = (tcp.sport, tcp.dport)
-            start = base.setdefault(flow, tcp.seq)
-            end = (tcp.seq - start) % 2**32 + length
-            when = float(packet.time)
-            if when < restored_at:
-                high[flow] = max(high.get(flow, 0), end)
-            elif end > high.get(flow, 0):
-                return when - restored_at
-    return None
+    sent_at = first_new_data_at(pcap, receiver, restored_at)
+    return None if sent_at is None else sent_at - restored_at
 
 
 def wait_listening(created, port, timeout=10.0):

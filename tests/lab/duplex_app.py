@@ -3,9 +3,9 @@
 ``python duplex_app.py serve ADDR PORT ...`` accepts one connection,
 ``python duplex_app.py connect ADDR PORT ...`` makes it. Each side sends
 ``--send`` bytes at ``--rate`` bytes per second (0: as fast as the socket
-takes them) and reads until EOF. With ``--shutdown-after-send`` a side closes
-its sending half (shutdown SHUT_WR) as soon as its bytes are written;
-otherwise it waits for the other side's EOF first. ``--read-after FILE``
+takes them) and reads until EOF. With ``--shutdown-after-send`` a side shuts
+down its sending half (SHUT_WR) as soon as its bytes are written. Without it,
+the side waits for the other side's EOF first. ``--read-after FILE``
 delays the reading until FILE exists. When both halves are done the side
 writes ``{"sent": N, "sent_sha256": HEX, "received": N, "received_sha256":
 HEX}`` to ``--result``, plus ``"error"`` if a socket call failed. With
@@ -25,7 +25,8 @@ import time
 
 CHUNK = 16 * 1024
 DEADLINE_S = 180.0
-"""Longest a side runs before it gives up, so a broken test cannot hang."""
+"""Maximum seconds a side waits for a connection, data or a file before it
+gives up, so a broken test cannot hang."""
 
 
 def chunk(counter, label):

@@ -80,7 +80,9 @@ def run_checkpoint(
         "mode": "shielded" if shielded else "criu lock",
         "rto_timeouts": delta["TcpExtTCPTimeouts"],
         "retransmits": delta["TcpRetransSegs"],
-        "resume_gap_s": resume_gap(work / "peer.pcap", created.peer_v4, restored_at),
+        "resume_gap_s": resume_gap(
+            work / "peer.pcap", ("198.18.2.2", program.port), restored_at
+        ),
         "edge_retraction": sum(d.max_right_edge_retraction for d in report.directions),
         "tsval_regressions": sum(d.tsval_regressions for d in report.directions),
     }

@@ -75,10 +75,10 @@ def unacknowledged(sock):
     return struct.unpack("i", raw)[0]
 
 
-def wait(condition, what):
+def wait(condition, description):
     while not condition():
         if time.monotonic() > deadline:
-            sys.exit(f"peer: timed out waiting for {what}")
+            sys.exit(f"peer: timed out waiting for {description}")
         time.sleep(0.05)
 
 
@@ -287,7 +287,7 @@ def test_failed_restore_released_with_criu_lock(tmp_path):
     """With CRIU's default iptables lock, whose rules CRIU alone removes.
 
     CRIU puts one DROP rule per connection at the top of INPUT and OUTPUT, ahead
-    of the shield's jump, so the shield sees no packet of the peer. After the
+    of the shield's jump, so no packet of the peer reaches the shield. After the
     failed restore and the shield's release CRIU's two rules remain: they keep
     the peer from a reset while the socket is missing, and only a successful
     restore of these images deletes them, at its network-unlock step.

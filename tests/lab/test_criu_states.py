@@ -110,8 +110,8 @@ CASES = {
         unsent_at_dump=True,
         peer_sends_while_frozen=False,
     ),  # fmt: skip
-    # The server wrote 1 MiB and closed; the peer does not read yet but goes
-    # on sending through the freeze, so the shield takes its bytes.
+    # The server wrote 1 MiB and shut down its end. The peer does not read yet
+    # but goes on sending through the freeze, so the shield takes its bytes.
     "fin-wait1-unsent": Case(
         ss_state="fin-wait-1",
         image_state="FIN_WAIT1",
@@ -204,6 +204,7 @@ def run_case(tmp_path, case):
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 )  # fmt: skip
             _wait_state(created, case.ss_state)
+
             # let the streams fill the windows and queues
             time.sleep(1.0)
             before = peer_counters(created)
@@ -212,6 +213,7 @@ def run_case(tmp_path, case):
             assert dumped.returncode == 0, criu_failure(images / "dump.log", dumped)
             frozen_at = time.monotonic()
             observed["flows"] = read_tcp_flows(images)
+
             read_after.touch()
             time.sleep(max(0.0, frozen_at + FREEZE_S - time.monotonic()))
             observed["status"] = json.loads(daemon.cli("status").stdout)
@@ -224,6 +226,7 @@ def run_case(tmp_path, case):
                 "the restored server did not finish: "
                 + (work / "program.log").read_text(errors="replace")
             )
+
             observed["counters"] = counters_delta(before, peer_counters(created))
             observed["metrics"] = daemon.scrape()
         finally:
@@ -268,7 +271,7 @@ def test_checkpoint_in_state(tmp_path, name):
     report = observed["capture"]
     assert sum(d.max_right_edge_retraction for d in report.directions) == 0
     assert sum(d.tsval_regressions for d in report.directions) == 0
-    # from pre-dump until CRIU has written the socket's image the shield holds
-    # the peer's packets unanswered, which a loaded machine can stretch past
-    # the peer's 200 ms minimum RTO
+    # From pre-dump until CRIU has written the socket's image the shield keeps
+    # the peer's packets unanswered. A loaded machine can stretch that past the
+    # peer's 200 ms minimum RTO.
     assert observed["counters"]["TcpExtTCPTimeouts"] <= 1

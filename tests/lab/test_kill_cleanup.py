@@ -518,56 +518,53 @@ SIGNALS = pytest.mark.parametrize(
 )
 
 
+def kill_and_check(label, argv, tmp_path, rng, caplog, signum, *, kill_within):
+    """Run ARGV, send SIGNUM at a random point, then check what it left.
+
+    KILL_WITHIN maps a signal to the latest kill point in seconds. A SIGKILL
+    point counts from the first lab record of the run, so the kill leaves a
+    lab for the next lab_up to remove. A SIGINT point counts from the start.
+    """
+    run = KilledRun(argv, tmp_path)
+    try:
+        if signum == signal.SIGKILL:
+            assert run.wait_for(lambda: run.lab_ids, 30), run.text()[-3000:]
+        at = run.kill_at(signum, rng.uniform(0, kill_within[signum]))
+        print(
+            f"{label}: {kill_text(signum, at)}, exit status "
+            f"{run.process.returncode}, labs {sorted(run.lab_ids)}"
+        )
+        if at is None:
+            print(f"the {label} finished before the kill point")
+        check_killed_run(run, signum, at, caplog)
+    finally:
+        run.clean_up()
+
+
 @SIGNALS
 def test_demo_killed_at_random_point(tmp_path, rng, caplog, signum):
     # With these options the demo took 7.3-7.8 s on a 2-core machine: its lab
     # exists from 0.25 s on, then come 2 s of warm-up, the 1 s freeze, the
     # restore and the checks.
-    run = KilledRun(DEMO_ARGV, tmp_path)
-    try:
-        if signum == signal.SIGKILL:
-            # killed while its lab exists, so there is something to remove
-            assert run.wait_for(lambda: run.lab_ids, 30), run.text()[-3000:]
-            at = run.kill_at(signum, rng.uniform(0, 7))
-        else:
-            at = run.kill_at(signum, rng.uniform(0, 7.5))
-        print(
-            f"demo: {kill_text(signum, at)}, exit status "
-            f"{run.process.returncode}, labs {sorted(run.lab_ids)}"
-        )
-        if at is None:
-            print("the demo finished before the kill point")
-        check_killed_run(run, signum, at, caplog)
-    finally:
-        run.clean_up()
+    kill_within = {signal.SIGKILL: 7.0, signal.SIGINT: 7.5}
+    kill_and_check(
+        "demo", DEMO_ARGV, tmp_path, rng, caplog, signum, kill_within=kill_within
+    )
 
 
 @SIGNALS
 def test_lab_test_killed_at_random_point(tmp_path, rng, caplog, signum):
     # The pytest subprocess took about 1 s on a 2-core machine, and its two labs
-    # existed from about 0.2 s to 0.35-0.45 s.
+    # existed from about 0.2 s to 0.35-0.45 s. A SIGKILL within 0.12 s of the
+    # first lab record lands while it or the second lab is built or used.
     argv = [
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
         "--basetemp", str(tmp_path / "inner"), LAB_TEST,
     ]  # fmt: skip
-    run = KilledRun(argv, tmp_path)
-    try:
-        if signum == signal.SIGKILL:
-            # from when the first lab's record exists: while it or the second
-            # lab is being built or used
-            assert run.wait_for(lambda: run.lab_ids, 30), run.text()[-3000:]
-            at = run.kill_at(signum, rng.uniform(0, 0.12))
-        else:
-            at = run.kill_at(signum, rng.uniform(0, 1.0))
-        print(
-            f"lab test: {kill_text(signum, at)}, exit status "
-            f"{run.process.returncode}, labs {sorted(run.lab_ids)}"
-        )
-        if at is None:
-            print("the lab test finished before the kill point")
-        check_killed_run(run, signum, at, caplog)
-    finally:
-        run.clean_up()
+    kill_within = {signal.SIGKILL: 0.12, signal.SIGINT: 1.0}
+    kill_and_check(
+        "lab test", argv, tmp_path, rng, caplog, signum, kill_within=kill_within
+    )
 
 
 # which labs the next lab_up removes

@@ -5,59 +5,19 @@ import json
 import pytest
 
 from shieldproxy.cli import build_parser, main
-from shieldproxy.journal import AckedState, JournalWriter, journal_path
-from shieldproxy.tcp.seq import seq_add
-from shieldproxy.tcp.snapshot import FlowKey, FlowSnapshot
+from shieldproxy.journal import journal_path
+from shieldproxy.tcp.snapshot import FlowKey
+
+from .test_journal import pattern, write_flows
 
 KEY = FlowKey.create("198.18.2.2", 5001, "198.18.1.2", 40000)
 OTHER_KEY = FlowKey.create("2001:2:0:2::2", 5001, "2001:2:0:1::2", 40001)
-RCV_NXT = 2**32 - 1000  # close to the wrap, so the bytes cross it
-TSVAL = 100_000
-
-
-def snapshot(key):
-    return FlowSnapshot(
-        key=key,
-        rcv_nxt=RCV_NXT,
-        rcv_wup=RCV_NXT,
-        rcv_wnd=65536,
-        snd_una=7000,
-        snd_nxt=7000,
-        rcv_wscale=0,
-        snd_wscale=7,
-        mss=1460,
-        sack_ok=True,
-        timestamps_ok=True,
-        tsval=TSVAL,
-        taken_at=10.0,
-    )
-
-
-def pattern(start, length):
-    return bytes((start + i) % 251 for i in range(length))
 
 
 def write_journal(state_dir, scope, flows):
     """Write STATE_DIR/SCOPE/journal with FLOWS: {key: (data ranges, ack offset)}."""
     path = journal_path(state_dir / scope)
-    writer = JournalWriter.create(path, scope, 5.0)
-    for key, (data_ranges, ack_offset) in flows.items():
-        writer.add_flow(snapshot(key))
-        for start, length in data_ranges:
-            writer.add_data(key, seq_add(RCV_NXT, start), pattern(start, length))
-        writer.add_acked(
-            key,
-            AckedState(
-                ack=seq_add(RCV_NXT, ack_offset),
-                right_edge=seq_add(RCV_NXT, 70000),
-                tsval=TSVAL + 500,
-                tsval_at=10.5,
-                ts_recent=None,
-                fin=False,
-            ),
-        )
-    assert writer.commit()
-    writer.close()
+    write_flows(path, scope, flows)
     return path
 
 

@@ -135,24 +135,30 @@ def pattern(start, length):
 # file format
 
 
-def write_flow(path, *, data_ranges, ack_offset, fin=False):
-    writer = JournalWriter.create(path, "web", FROZEN_AT)
-    writer.add_flow(snapshot())
-    for start, length in data_ranges:
-        writer.add_data(KEY, seq_add(RCV_NXT, start), pattern(start, length))
-    writer.add_acked(
-        KEY,
-        AckedState(
-            ack=seq_add(RCV_NXT, ack_offset),
-            right_edge=seq_add(RCV_NXT, 70000),
-            tsval=TSVAL + 500,
-            tsval_at=10.5,
-            ts_recent=PEER_TSVAL,
-            fin=fin,
-        ),
-    )
+def write_flows(path, scope, flows, *, fin=False):
+    """Write a journal of SCOPE with FLOWS: {key: (data ranges, ack offset)}."""
+    writer = JournalWriter.create(path, scope, FROZEN_AT)
+    for key, (data_ranges, ack_offset) in flows.items():
+        writer.add_flow(snapshot(key))
+        for start, length in data_ranges:
+            writer.add_data(key, seq_add(RCV_NXT, start), pattern(start, length))
+        writer.add_acked(
+            key,
+            AckedState(
+                ack=seq_add(RCV_NXT, ack_offset),
+                right_edge=seq_add(RCV_NXT, 70000),
+                tsval=TSVAL + 500,
+                tsval_at=10.5,
+                ts_recent=PEER_TSVAL,
+                fin=fin,
+            ),
+        )
     assert writer.commit()
     writer.close()
+
+
+def write_flow(path, *, data_ranges, ack_offset, fin=False):
+    write_flows(path, "web", {KEY: (data_ranges, ack_offset)}, fin=fin)
 
 
 def test_round_trip_hands_over_acknowledged_bytes(tmp_path):

@@ -667,7 +667,7 @@ def test_first_new_data_after_retransmission(tmp_path, start):
     times = [(1700000000, 0), (1700000000, 1000), (1700000005, 0),
              (1700000005, 250000), (1700000006, 0)]  # fmt: skip
     path = write_pcap(tmp_path / "data.pcap", frames, timestamps=times)
-    found = first_new_data_at(path, (CLIENT, CPORT), after=1700000004.0)
+    found = first_new_data_at(path, (SERVER, SPORT), after=1700000004.0)
     assert found == pytest.approx(1700000005.25)
 
 
@@ -675,6 +675,6 @@ def test_first_new_data_none_without_new_bytes(tmp_path):
     frames = [peer_data(ISN_C, 1000), peer_data(ISN_C, 1000)]
     times = [(1700000000, 0), (1700000005, 0)]
     path = write_pcap(tmp_path / "data.pcap", frames, timestamps=times)
-    assert first_new_data_at(path, (CLIENT, CPORT), after=1700000004.0) is None
-    # another sender's bytes do not count
-    assert first_new_data_at(path, (SERVER, SPORT), after=1699999999.0) is None
+    assert first_new_data_at(path, (SERVER, SPORT), after=1700000004.0) is None
+    # bytes to another receiver do not count
+    assert first_new_data_at(path, (CLIENT, CPORT), after=1699999999.0) is None
